@@ -1,12 +1,15 @@
-"""HeLlO label projectors vs the label sources they replace, on digits at IPC 10.
+"""HeLlO label projectors vs the label sources they replace, on digits and MNIST at IPC 10 / 50.
 
     .venv/bin/python benchmarks/hello_labels.py --quick
-    .venv/bin/python benchmarks/hello_labels.py [--seeds 3] [--ranks 1,4,16] [--image-opt]
+    .venv/bin/python benchmarks/hello_labels.py [--datasets digits,mnist] [--ipcs 10,50] [--seeds 3] \
+        [--ranks 4,1,16] [--heads prototype,random] [--image-opt]
 
-1. teacher: test_resnet trained on digits (configs/synth/teacher_digits.yaml, shortened);
-2. "foundation" encoder: a timm test_resnet trained here on MNIST (--mnist, NOT the target data,
-   never the teacher), 3-channel input at 16 px with its own mean/std, saved as a timm state dict;
-3. one DM IPC-10 synthesis per projector variant, `labels.mode: projector` (synth.hello);
+1. teacher: test_resnet trained on the target data (configs/synth/teacher_{digits,mnist}.yaml);
+2. "foundation" encoder: a timm test_resnet trained here on the *other* dataset (MNIST for digits,
+   digits for MNIST; never the target data, never the teacher), 3-channel input at 16 px with its
+   own mean/std, saved as a timm state dict;
+3. one DM synthesis per projector variant, `labels.mode: projector` (synth.hello); variants: the
+   main one (first rank, first head), then the other ranks, the other head inits, image-opt on;
 4. fresh ConvNet-3 students (final epoch, `--seeds` seeds) on the same distilled images with
    hard labels (DSA), stored soft labels (the relabel store, one label epoch per student epoch),
    the online teacher, and the projector, plus the bytes each label source ships;
@@ -31,40 +34,44 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from distill.artefacts import write_text  # noqa: E402
+from distill.artefacts import atomic_path, write_text  # noqa: E402
 from distill.report import text_table  # noqa: E402
 from synth.config import parse_synth_config  # noqa: E402
 
 OPS = ["color", "crop", "cutout", "scale", "rotate"]
 
 
-def train_teacher(out: Path, epochs: int) -> Path:
+def train_teacher(dataset: str, mnist: Path, out: Path, epochs: int) -> Path:
     from distill.config import load_config
     from distill.runner import train
 
-    cfg = load_config(ROOT / "configs/synth/teacher_digits.yaml", [f"out_dir={out}", f"trainer.epochs={epochs}"])
+    cfg = load_config(ROOT / f"configs/synth/teacher_{dataset}.yaml",
+                      [f"out_dir={out}", f"trainer.epochs={epochs}"] + ([f"data.path={mnist}"] if dataset == "mnist" else []))
     path = cfg.run_dir / "student.safetensors"
     if not path.is_file():
         train(cfg)
     return path
 
 
-def train_encoder(mnist: Path, out: Path, epochs: int, size: int = 16) -> Path:
-    """timm test_resnet on MNIST (grey→RGB, resized to `size`, its pretrained_cfg mean/std, as the
+def data_section(dataset: str, mnist: Path) -> dict:
+    return {"source": "digits", "image_size": 16} if dataset == "digits" else \
+        {"source": "npz", "path": str(mnist), "image_size": 16}
+
+
+def train_encoder(source: str, mnist: Path, out: Path, epochs: int, size: int = 16) -> Path:
+    """timm test_resnet on `source` (grey→RGB at `size`, its pretrained_cfg mean/std, as the
     projector preprocesses); the classifier is saved too and dropped by timm at load."""
-    import numpy as np
     import timm
     from safetensors.torch import save_file
 
-    path = out / "encoder_mnist_test_resnet.safetensors"
+    from distill.config import DataConfig
+    from distill.data import load_data
+
+    path = out / f"encoder_{source}_test_resnet_e{epochs}.safetensors"
     if path.is_file():
         return path
-    with np.load(mnist, allow_pickle=False) as z:
-        if not {"x_train", "y_train"} <= set(z.files):
-            raise SystemExit(f"{mnist}: need arrays x_train and y_train, found {sorted(z.files)}")
-        x, y = torch.from_numpy(z["x_train"]), torch.from_numpy(z["y_train"]).long()
-    x = x.float().div(255 if x.dtype == torch.uint8 else 1)
-    x = x.unsqueeze(1) if x.dim() == 3 else x
+    train, _ = load_data(DataConfig.model_validate(data_section(source, mnist)))
+    x, y = train.images.float().div(255), train.targets
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=10)
     mean = torch.tensor(model.pretrained_cfg["mean"]).view(1, 3, 1, 1)
@@ -79,24 +86,25 @@ def train_encoder(mnist: Path, out: Path, epochs: int, size: int = 16) -> Path:
             opt.zero_grad()
             loss.backward()
             opt.step()
-        print(f"  encoder (MNIST, {len(x)} images) epoch {e}: loss {loss.item():.3f}", flush=True)
+        print(f"  encoder ({source}, {len(x)} images) epoch {e}: loss {loss.item():.3f}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
 
 
-def recipe(out: Path, name: str, teacher: Path, enc: Path, iterations: int, label_epochs: int, rank: int,
-           steps: int, image_opt: bool, epochs: int, seeds: int):
+def recipe(out: Path, name: str, data: dict, ipc: int, teacher: Path, enc: Path, iterations: int, label_epochs: int,
+           rank: int, head: str, steps: int, image_opt: bool, epochs: int, seeds: int):
     return parse_synth_config({
-        "name": name, "out_dir": str(out / "synth"), "seed": 0, "data": {"source": "digits", "image_size": 16},
-        "ipc": 10, "method": "distribution_matching", "options": {"batch_real": 64, "dsa_ops": OPS},
+        "name": name, "out_dir": str(out / "synth"), "seed": 0, "data": data,
+        "ipc": ipc, "method": "distribution_matching", "options": {"batch_real": 64, "dsa_ops": OPS},
         "iterations": iterations, "init": {"kind": "real"},
         "teachers": [{"model": "test_resnet", "checkpoint": str(teacher)}],
         "labels": {"mode": "projector",
                    "relabel": {"epochs": label_epochs, "crops_per_image": 1, "topk": 5, "scale": [0.5, 1.0]},
                    "projector": {"kind": "timm", "model": "test_resnet", "checkpoint": str(enc), "input_size": 16,
-                                 "head_init": "prototype", "lora_rank": rank, "lora_alpha": 2.0 * rank,
-                                 "steps": steps, "lr": 2e-3, "batch_size": 64, "real_per_class": 10,
+                                 "head_init": head, "lora_rank": rank, "lora_alpha": 2.0 * rank,
+                                 "steps": steps, "lr": 1e-2, "schedule": "cosine", "batch_size": 64,
+                                 "real_per_class": 10,
                                  "image_opt": {"enabled": image_opt, "steps": 50}}},
         "eval": {"students": ["convnet3"], "seeds": seeds, "epochs": epochs, "batch_size": 256, "dsa_ops": OPS,
                  "full_data": False}})
@@ -155,79 +163,124 @@ def in1k_projector(rank: int, bytes_per_param: float, header_per_tensor: float) 
     return params, len(lora), params * bytes_per_param + len(lora) * header_per_tensor
 
 
+def measure(art, cfg, m, test, teachers, out: Path, which: list[str], label_of, seeds: int, epochs: int, dev):
+    """Final-epoch top-1 of fresh ConvNet-3 students per label source: {label: record}."""
+    from synth.evaluate import train_student
+
+    res = {}
+    for arm, labeler, nbytes in arms(art, cfg, teachers, out, dev, which):
+        accs = [train_student("convnet3", s, art.images, test, labeler, epochs, cfg.eval, cfg.data,
+                              out / "students" / cfg.name / arm.replace(" ", "_") / f"seed{s}", "cpu")[0]
+                for s in range(seeds)]
+        rec = {"final_top1": accs, "mean": statistics.fmean(accs),
+               "std": statistics.pstdev(accs) if len(accs) > 1 else 0.0, "label_bytes": nbytes}
+        if arm == "projector":
+            rec |= {"fit": m["fit"], "projector": m["projector"], "image_opt": m.get("image_opt")}
+        res[label_of(arm)] = rec
+        print(f"  {cfg.name} {label_of(arm)}: {accs}", flush=True)
+    return res
+
+
+def plot_bytes(path: Path, results: dict) -> None:
+    """Accuracy vs label bytes (log x), one panel per dataset × IPC."""
+    from distill.report import _plt
+
+    plt = _plt()  # the engine's headless matplotlib
+    keys = list(results)
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for label, r in results[key].items():
+            ax.errorbar(r["label_bytes"], r["mean"], yerr=r["std"], fmt="o", capsize=3)
+            ax.annotate(label, (r["label_bytes"], r["mean"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set(title=key, xlabel="label bytes shipped (log)", ylabel="student top-1 (final epoch)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mnist", type=Path, default=ROOT.parent / "shared/data/mnist10k.npz")
-    ap.add_argument("--out", type=Path, default=ROOT / "runs/bench/hello_labels")
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", type=Path, default=None, help="default runs/bench/hello_labels[_quick]")
+    ap.add_argument("--quick", action="store_true", help="digits IPC 10 only, 2 seeds, short budgets")
+    ap.add_argument("--datasets", default="digits,mnist")
+    ap.add_argument("--ipcs", default="10,50")
     ap.add_argument("--seeds", type=int, default=None)
-    ap.add_argument("--epochs", type=int, default=None)
-    ap.add_argument("--ranks", default="4", help="LoRA ranks; the first is the main row (ablation: 1,4,16)")
+    ap.add_argument("--epochs", default=None, help="student epochs per IPC, e.g. 10:150,50:60")
+    ap.add_argument("--ranks", default="4", help="LoRA ranks; the first is the main one (ablation: 4,1,16)")
+    ap.add_argument("--heads", default="prototype", help="head inits; the first is the main one (ablation: prototype,random)")
     ap.add_argument("--image-opt", action="store_true", help="also measure the image-optimisation step")
+    ap.add_argument("--ablate-all", action="store_true", help="ablations on every dataset × IPC (default: the first only)")
     ap.add_argument("--in1k-ranks", default="4")
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.datasets, args.ipcs = "digits", "10"
+    out = args.out or ROOT / "runs/bench" / ("hello_labels_quick" if args.quick else "hello_labels")
     seeds = args.seeds or (2 if args.quick else 3)
-    epochs = args.epochs or (60 if args.quick else 150)
-    iters, steps = (20, 150) if args.quick else (100, 300)
-    out = args.out
+    epochs = dict(map(int, kv.split(":")) for kv in (args.epochs or ("10:60,50:30" if args.quick else "10:150,50:60")).split(","))
+    iters, steps = (20, 600) if args.quick else (100, 1500)
+    ranks, heads = [int(r) for r in args.ranks.split(",")], args.heads.split(",")
     t0 = time.perf_counter()
-    teacher = train_teacher(out / "teachers", 8 if args.quick else 15)
-    enc = train_encoder(args.mnist, out / "encoders", 1 if args.quick else 3)
-    print(f"teacher {teacher} ({teacher.stat().st_size:,} B); MNIST encoder {enc}; {time.perf_counter() - t0:.0f}s",
-          flush=True)
 
+    from distill.config import DataConfig
     from distill.data import load_data
     from synth.artefact import read_artefact
-    from synth.evaluate import train_student
     from synth.run import build_teachers, synthesize
 
     dev = torch.device("cpu")
-    variants = [(int(r), False) for r in args.ranks.split(",")] + ([(int(args.ranks.split(",")[0]), True)]
-                                                                   if args.image_opt else [])
-    rows, results = [], {}
-    main_art = None
-    for rank, iopt in variants:
-        name = f"hello_r{rank}{'_iopt' if iopt else ''}_e{epochs}_i{iters}_s{steps}"
-        cfg = recipe(out, name, teacher, enc, iters, epochs, rank, steps, iopt, epochs, seeds)
-        m = synthesize(cfg, progress=False).manifest
-        art = read_artefact(cfg.run_dir)
-        train, test = load_data(cfg.data)
-        teachers = build_teachers(cfg, train, dev)
-        which = ["hard", "stored soft", "online teacher", "projector"] if main_art is None else ["projector"]
-        main_art = main_art or (art, cfg, m)
-        for arm, labeler, nbytes in arms(art, cfg, teachers, out, dev, which):
-            label = arm if arm != "projector" else f"projector r{rank}{' +image-opt' if iopt else ''}"
-            accs = []
-            for s in range(seeds):
-                run_dir = out / "students" / name / arm.replace(" ", "_") / f"seed{s}"
-                final, _, _ = train_student("convnet3", s, art.images, test, labeler, epochs, cfg.eval, cfg.data,
-                                            run_dir, "cpu")
-                accs.append(final)
-            mean, std = statistics.fmean(accs), statistics.pstdev(accs) if len(accs) > 1 else 0.0
-            results[label] = {"final_top1": accs, "mean": mean, "std": std, "label_bytes": nbytes}
-            extra = ""
-            if arm == "projector":
-                fit = m["fit"]
-                extra = (f"teacher agreement {fit['probe_before']['top1_agreement']:.2f}→"
-                         f"{fit['probe_after']['top1_agreement']:.2f}, MSE {fit['probe_before']['mse']:.3f}→"
-                         f"{fit['probe_after']['mse']:.3f}")
-                results[label] |= {"fit": fit, "projector": m["projector"], "image_opt": m.get("image_opt")}
-            rows.append([label, f"{mean:.2f} ± {std:.2f}", f"{nbytes:,}", extra])
-            print(f"  {label}: {accs}", flush=True)
+    rows, results, first = [], {}, None
+    for ds in args.datasets.split(","):
+        source = "mnist" if ds == "digits" else "digits"
+        teacher = train_teacher(ds, args.mnist, out / "teachers", 8 if args.quick else 15)
+        enc = train_encoder(source, args.mnist, out / "encoders", 3 if source == "mnist" else 30)
+        data = data_section(ds, args.mnist)
+        _, test = load_data(DataConfig.model_validate(data))
+        print(f"{ds}: teacher {teacher} ({teacher.stat().st_size:,} B); encoder trained on {source}: {enc}", flush=True)
+        for ipc in [int(i) for i in args.ipcs.split(",")]:
+            ep = epochs[ipc]
+            ablate = args.ablate_all or first is None
+            variants = [(ranks[0], heads[0], False)]
+            if ablate:
+                variants += [(r, heads[0], False) for r in ranks[1:]] + [(ranks[0], h, False) for h in heads[1:]]
+                variants += [(ranks[0], heads[0], True)] if args.image_opt else []
+            key, cell = f"{ds} IPC{ipc}", {}
+            for n, (rank, head, iopt) in enumerate(variants):
+                name = f"hello_{ds}_ipc{ipc}_r{rank}_{head}{'_iopt' if iopt else ''}_e{ep}_i{iters}_s{steps}"
+                cfg = recipe(out, name, data, ipc, teacher, enc, iters, ep, rank, head, steps, iopt, ep, seeds)
+                m = synthesize(cfg, progress=False).manifest
+                art = read_artefact(cfg.run_dir)
+                train, _ = load_data(cfg.data)
+                teachers = build_teachers(cfg, train, dev)
+                which = ["hard", "stored soft", "online teacher", "projector"] if n == 0 else ["projector"]
+                tag = f"projector r{rank} {head}{' +image-opt' if iopt else ''}"
+                cell |= measure(art, cfg, m, test, teachers, out, which, lambda a: tag if a == "projector" else a,
+                                seeds, ep, dev)
+                first = first or (art, cfg, m)
+            results[key] = cell
+            for label, r in cell.items():
+                extra = ""
+                if "fit" in r:
+                    pb, pa = r["fit"]["probe_before"], r["fit"]["probe_after"]
+                    extra = (f"teacher agreement {pb['top1_agreement']:.2f}→{pa['top1_agreement']:.2f}, "
+                             f"MSE {pb['mse']:.3f}→{pa['mse']:.3f}; bytes/stored "
+                             f"{r['label_bytes'] / cell['stored soft']['label_bytes']:.3f}")
+                rows.append([ds, ipc, label, f"{r['mean']:.2f} ± {r['std']:.2f}", f"{r['label_bytes']:,}", extra])
+    header = ["data", "IPC", "label source", "top-1 (final, mean ± std)", "bytes shipped", "projector fit"]
+    print(f"\nConvNet-3 students, final-epoch top-1 over {seeds} seeds, epochs by IPC {epochs}; DM {iters} iterations; "
+          f"projector: timm test_resnet trained on the other dataset + LoRA, {steps} fit steps (AdamW 0.01, cosine)")
+    table = text_table(header, rows)
+    print(table)
 
-    art, cfg, m = main_art
+    art, cfg, m = first
     p = m["projector"]
-    print(f"\ndigits IPC 10, ConvNet-3, {epochs} epochs, final-epoch top-1 over {seeds} seeds; DM {iters} iterations; "
-          f"projector: MNIST-trained timm test_resnet + LoRA, {steps} fit steps")
-    print(text_table(["label source", "top-1 (mean ± std)", "bytes shipped", "projector fit"], rows))
-    stored = results["stored soft"]["label_bytes"]
-    print(f"\nprojector / stored soft labels here: {p['bytes']:,} / {p['soft_label_bytes_replaced']:,} B = "
-          f"{p['bytes_ratio']:.4f} (manifest); store actually written: {stored:,} B "
-          f"({epochs} label epochs × {len(art.images)} images, top-5 of 10)")
-
+    print(f"\nprojector / stored soft labels ({art.root.name}): {p['bytes']:,} / {p['soft_label_bytes_replaced']:,} B = "
+          f"{p['bytes_ratio']:.4f} (manifest)")
     # ImageNet-1K IPC 10 extrapolation from measured sizes
-    per, shard_header = ship_bytes_per_crop(out / "stores" / art.root.name)
+    per, _ = ship_bytes_per_crop(out / "stores" / art.root.name)
     k_here = 5
     fixed = sum(v for k, v in per.items() if k not in ("values", "indices"))
     per_class_entry = (per["values"] + per.get("indices", 0)) / k_here
@@ -255,8 +308,11 @@ def main() -> None:
     print(text_table(["projector", "LoRA params", "projector bytes", "stored top-10", "ratio", "stored dense",
                       "ratio"], ext))
     out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "results.json", json.dumps({"digits": results, "in1k_extrapolation": ext,
+    write_text(out / "results.json", json.dumps({"args": vars(args), "results": results, "in1k_extrapolation": ext,
                                                  "seconds": time.perf_counter() - t0}, indent=1, default=str))
+    write_text(out / "report.md", f"# hello_labels\n\n`{' '.join(sys.argv)}`\n\n```\n{table}\n```\n\n"
+                                  "![accuracy vs label bytes](accuracy_vs_bytes.png)\n")
+    plot_bytes(out / "accuracy_vs_bytes.png", results)
     print(f"\n{time.perf_counter() - t0:.0f}s; results in {out / 'results.json'}")
 
 

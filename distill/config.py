@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag,
+                      ValidationError, field_validator, model_validator)
 
 
 class ConfigError(ValueError):
@@ -96,8 +97,70 @@ class ModelConfig(Strict):
         return self.name or self.model
 
 
+class ProjectorTeacherConfig(Strict):
+    """A HeLlO label projector (`distill synth`, labels.mode: projector) as a pool teacher
+    (`synth.hello.projector_teacher`). `projector`: the distilled-dataset directory, its `labels/`
+    directory or the `projector.safetensors` file, resolved to the file. `checkpoint`: the base
+    encoder on this machine, replacing the path stored in the projector (its checksum must match)."""
+
+    projector: Path
+    checkpoint: Path | None = None
+    name: str | None = None  # display name; default: projector_<artefact directory name>
+
+    @field_validator("projector")
+    @classmethod
+    def _resolve(cls, v: Path) -> Path:
+        from synth.hello import LABELS
+        from synth.projector import FILE
+
+        for cand in (v, v / FILE, v / LABELS / FILE):
+            if cand.name == FILE and cand.is_file():
+                return cand
+        raise ValueError(f"no projector at {str(v)!r}: give a distilled-dataset directory (holding {LABELS}/{FILE}), "
+                         f"its {LABELS}/ directory, or the {FILE} file itself")
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"checkpoint file {str(v)!r} does not exist")
+        return v
+
+    @property
+    def display_name(self) -> str:
+        from synth.hello import LABELS
+
+        art = self.projector.parent.parent if self.projector.parent.name == LABELS else self.projector.parent
+        return self.name or f"projector_{art.name}"
+
+
+def _teacher_kind(v: Any) -> str | None:
+    if isinstance(v, dict):
+        return "ProjectorTeacherConfig" if "projector" in v else "ModelConfig" if "model" in v else None
+    return type(v).__name__ if isinstance(v, (ModelConfig, ProjectorTeacherConfig)) else None
+
+
+def _check_teacher_keys(v: Any) -> Any:
+    """Say which keys make a teacher, rather than pydantic's errors for every union member."""
+    if isinstance(v, dict) and _teacher_kind(v) is None:
+        raise ValueError(f"a teacher is a classifier (keys: {', '.join(ModelConfig.model_fields)}) or a HeLlO "
+                         f"projector (keys: {', '.join(ProjectorTeacherConfig.model_fields)}); got keys {sorted(v)}")
+    return v
+
+
+# a pool teacher: `model:` → ModelConfig, `projector:` → ProjectorTeacherConfig (the tags are the
+# class names, which format_validation_error drops from error paths)
+TeacherConfig = Annotated[
+    Union[Annotated[ModelConfig, Tag("ModelConfig")], Annotated[ProjectorTeacherConfig, Tag("ProjectorTeacherConfig")]],
+    Discriminator(_teacher_kind, custom_error_type="teacher_kind",
+                  custom_error_message="a teacher is a mapping with `model:` (a classifier) or `projector:` (a HeLlO projector)"),
+    BeforeValidator(_check_teacher_keys)]
+_UNION_TAGS = ("ModelConfig", "ProjectorTeacherConfig")
+
+
 class PoolConfig(Strict):
-    """The teacher pool. MEAL V2: the soft label is the mean of the teachers' softmax.
+    """The teacher pool. MEAL V2: the soft label is the mean of the teachers' softmax. A teacher is
+    a classifier (`model:`) or a HeLlO label projector (`projector:`, ProjectorTeacherConfig).
 
     `weighting` (teachers/pool.py): `uniform` (MEAL V2), `fixed` (`weights`), `distill_weighted`
     (one weight per teacher, softmax(score / `temperature`) of a kNN/linear probe on its features
@@ -105,7 +168,7 @@ class PoolConfig(Strict):
     space (engine checkpoints say so) are read through a target head fitted on those images.
     """
 
-    teachers: list[ModelConfig] = Field(min_length=1)
+    teachers: list[TeacherConfig] = Field(min_length=1)
     weights: list[float] | None = None  # fixed per-teacher weights (normalised); None: uniform
     weighting: Literal["uniform", "fixed", "distill_weighted", "confidence"] = "uniform"
     # DistillWeighted τ on scores in [0, 1] (accuracies): 0.1 turns a 0.1 score gap into a weight
@@ -142,6 +205,15 @@ class PoolConfig(Strict):
                 raise ValueError(f"weights has {len(self.weights)} entries for {len(self.teachers)} teachers")
             if min(self.weights) < 0 or sum(self.weights) <= 0:
                 raise ValueError(f"weights must be >= 0 with a positive sum, got {self.weights}")
+        projectors = [t.display_name for t in self.teachers if isinstance(t, ProjectorTeacherConfig)]
+        if projectors and self.weighting == "distill_weighted":
+            raise ValueError(f"weighting 'distill_weighted' is not supported with projector teachers {projectors}: a "
+                             f"projector is already fitted to the data's label space, and its features are a frozen "
+                             f"encoder's, not a classifier backbone's for the probe to score; use uniform, fixed or "
+                             f"confidence")
+        if projectors and self.heads == "all":
+            raise ValueError(f"heads 'all' is not supported with projector teachers {projectors}: a projector already "
+                             f"serves the data's classes (no target head to fit); use heads: foreign")
         names = [t.display_name for t in self.teachers]
         if len(set(names)) != len(names):
             raise ValueError(f"teacher names must be unique (set `name:`), got {names}")
@@ -431,7 +503,7 @@ def _index(node: list, part: str, key: str) -> int:
 def format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid recipe ({err.error_count()} problem{'s' * (err.error_count() > 1)})"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in e["loc"] if p not in _UNION_TAGS) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"

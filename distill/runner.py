@@ -14,7 +14,7 @@ import torch
 
 from distill.artefacts import write_text
 from distill.augment import RandomCrops
-from distill.config import ConfigError, RunConfig, dump_config
+from distill.config import ConfigError, ModelConfig, RunConfig, dump_config
 from distill.data import ImageSet, load_data
 from distill.models import CHECKPOINT_FORMAT, create_model, read_checkpoint_header
 
@@ -36,10 +36,11 @@ def check_precision(precision: str, device: torch.device) -> None:
 
 
 def check_checkpoints(cfg: RunConfig, num_classes: int) -> None:
-    """Class-count mismatches are refused before compute, naming the field."""
+    """Class-count mismatches are refused before compute, naming the field. (A projector teacher's
+    checkpoint is its base encoder; `synth.hello.projector_teacher` checks the projector itself.)"""
     models = [("student", cfg.student)] + [(f"pool.teachers.{i}", t) for i, t in enumerate(cfg.pool.teachers if cfg.pool else [])]
     for field, m in models:
-        if m.checkpoint is None:
+        if not isinstance(m, ModelConfig) or m.checkpoint is None:
             continue
         meta = read_checkpoint_header(m.checkpoint)
         if meta.get("format") == CHECKPOINT_FORMAT:
@@ -63,8 +64,9 @@ class RunResult:
 
 def _label_space(cfg: RunConfig, m, train: ImageSet) -> tuple[int, tuple[str, ...]]:
     """A teacher's classes: its checkpoint's own when they differ from the data's and the pool
-    can fit target heads (pool.labelled), else the data's."""
-    meta = read_checkpoint_header(m.checkpoint) if m.checkpoint else {}
+    can fit target heads (pool.labelled), else the data's (always, for a projector: it is fitted
+    for the data's classes or refused)."""
+    meta = read_checkpoint_header(m.checkpoint) if isinstance(m, ModelConfig) and m.checkpoint else {}
     if meta.get("format") == CHECKPOINT_FORMAT and cfg.pool.labelled >= 2:
         return meta["num_classes"], tuple(meta["class_names"])
     return train.num_classes, train.class_names
@@ -73,6 +75,7 @@ def _label_space(cfg: RunConfig, m, train: ImageSet) -> tuple[int, tuple[str, ..
 def build_pool(cfg: RunConfig, train: ImageSet, device: torch.device, fit: bool = True):
     """The pool the recipe describes; with `fit`, weights/heads are fitted on the labelled target
     subset (`pool.labelled`) when its weighting or teachers need that (those queries are counted)."""
+    from synth.hello import projector_teacher
     from teachers import EnsemblePool, create_teacher
 
     if cfg.pool is None:
@@ -80,8 +83,11 @@ def build_pool(cfg: RunConfig, train: ImageSet, device: torch.device, fit: bool 
     p = cfg.pool
     teachers = []
     for t in p.teachers:
-        classes, names = _label_space(cfg, t, train)
-        teachers.append(create_teacher(t, classes, train.channels, cfg.data.image_size, names))
+        if isinstance(t, ModelConfig):
+            classes, names = _label_space(cfg, t, train)
+            teachers.append(create_teacher(t, classes, train.channels, cfg.data.image_size, names))
+        else:  # a HeLlO projector (ProjectorTeacherConfig), refused unless fitted for this data
+            teachers.append(projector_teacher(t, train.class_names, cfg.data.image_size, train.channels, device))
     pool = EnsemblePool(teachers, p.weights, cfg.loss.temperature, weighting=p.weighting,
                         num_classes=train.num_classes, class_names=train.class_names if p.labelled >= 2 else None,
                         weight_temperature=p.temperature, score=p.score, score_k=p.score_k, heads=p.heads,

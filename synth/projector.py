@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from teachers.source import LabelSource, QueryCost, SoftLabels
 
-KINDS = ("open_clip", "timm")
+KINDS = ("open_clip", "timm", "engine")  # engine: a classifier checkpoint this engine wrote (e.g. a teacher's)
 HEAD_INITS = ("text", "prototype", "random")
 OPEN_CLIP_TARGETS = ("attn", "c_fc", "c_proj")  # "attn" = peft's MultiheadAttention wrapper (qkv + out_proj)
 # timm ViT blocks (exact, so the patch-embed `proj` conv is not caught), ResNet stage convs,
@@ -63,6 +63,8 @@ class ProjectorConfig:
             raise ValueError(f"kind {self.kind!r} / head_init {self.head_init!r}; allowed: {KINDS} / {HEAD_INITS}")
         if self.head_init == "text" and self.kind != "open_clip":
             raise ValueError("head_init 'text' needs a CLIP text tower: use kind 'open_clip'")
+        if self.kind == "engine" and not self.checkpoint:
+            raise ValueError("kind 'engine' needs the checkpoint (an engine safetensors file) it is read from")
         if self.lora_rank < 1 or not 0.0 <= self.lora_dropout < 1.0 or "{}" not in self.template \
                 or (self.head_scale is not None and self.head_scale <= 0):
             raise ValueError("need lora_rank >= 1, 0 <= lora_dropout < 1, '{}' in template, head_scale > 0")
@@ -93,12 +95,16 @@ class ImageEncoder(nn.Module):
     """Frozen image tower: normalised pixels at `input_size` → features [B, dim]. Carries its
     resolved preprocessing so the projector can adapt data-sized [0, 1] images."""
 
-    def __init__(self, body: nn.Module, input_size: int, mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, body: nn.Module, input_size: int, mean: Sequence[float], std: Sequence[float],
+                 in_chans: int = 3):
         super().__init__()
-        self.body, self.input_size, self.mean, self.std = body, int(input_size), tuple(mean), tuple(std)
+        self.body, self.input_size, self.in_chans = body, int(input_size), int(in_chans)
+        self.mean, self.std = tuple(mean), tuple(std)
+        if len(self.mean) != in_chans or len(self.std) != in_chans:
+            raise ValueError(f"mean/std need {in_chans} values, got {self.mean} / {self.std}")
         try:
             with torch.no_grad():
-                self.dim = int(body(torch.zeros(1, 3, input_size, input_size)).shape[-1])
+                self.dim = int(body(torch.zeros(1, in_chans, input_size, input_size)).shape[-1])
         except RuntimeError as e:
             raise ValueError(f"encoder cannot take input_size {input_size}: {e}") from e
 
@@ -137,6 +143,8 @@ def build_encoder(cfg: ProjectorConfig) -> Base:
             pre = getattr(model.visual, "preprocess_cfg", {}) or {}
             mean = pre.get("mean", open_clip.OPENAI_DATASET_MEAN)
             std = pre.get("std", open_clip.OPENAI_DATASET_STD)
+        elif cfg.kind == "engine":
+            model, body, tok, size, mean, std = _engine_classifier(cfg)
         else:
             import timm
             overlay = {"file": str(cfg.checkpoint)} if cfg.checkpoint else None
@@ -146,8 +154,25 @@ def build_encoder(cfg: ProjectorConfig) -> Base:
             size, mean, std = (model.pretrained_cfg[k] for k in ("input_size", "mean", "std"))
     model.eval().requires_grad_(False)
     size = cfg.input_size or (size if isinstance(size, int) else size[-1])
-    enc = ImageEncoder(body, size, cfg.mean or mean, cfg.std or std)
+    mean, std = cfg.mean or mean, cfg.std or std
+    enc = ImageEncoder(body, size, mean, std, in_chans=len(mean))
     return Base(enc, state_checksum(model), model if cfg.kind == "open_clip" else None, tok)
+
+
+def _engine_classifier(cfg: ProjectorConfig):
+    """An engine checkpoint (e.g. a teacher trained on other data): its timm network without the
+    classifier, with the preprocessing its metadata records."""
+    from distill.models import CHECKPOINT_FORMAT, create_model, read_checkpoint_header
+
+    meta = read_checkpoint_header(cfg.checkpoint)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{cfg.checkpoint}: not a checkpoint this engine wrote (kind 'engine')")
+    clf = create_model(cfg.model_name, meta["num_classes"], meta["in_chans"], meta["input_size"],
+                       tuple(meta["class_names"]), checkpoint=cfg.checkpoint)
+    if not hasattr(clf.net, "reset_classifier"):
+        raise ValueError(f"kind 'engine': {cfg.model_name} has no reset_classifier; use a timm architecture")
+    clf.net.reset_classifier(0)
+    return clf, clf.net, None, clf.input_size, clf.mean.flatten().tolist(), clf.std.flatten().tolist()
 
 
 def _linear(weight: torch.Tensor) -> nn.Linear:
@@ -189,7 +214,7 @@ def random_head(dim: int, num_classes: int, scale: float, seed: int = 0) -> nn.L
 
 
 class Projector(nn.Module):
-    """[0, 1] images at data size → logits: grey→RGB, resize to the encoder's size, mean/std,
+    """[0, 1] images at data size → logits: grey↔RGB as the encoder needs, resize to its size, mean/std,
     frozen encoder, L2-normalise, head. Differentiable in the images (the paper's image update)."""
 
     def __init__(self, encoder: ImageEncoder, head: nn.Linear, cfg: ProjectorConfig,
@@ -197,8 +222,8 @@ class Projector(nn.Module):
         super().__init__()
         self.encoder, self.head, self.cfg = encoder, head, cfg
         self.class_names, self.base_checksum = list(class_names), base_checksum
-        self.register_buffer("mean", torch.tensor(encoder.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(encoder.std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(encoder.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(encoder.std).view(1, -1, 1, 1), persistent=False)
 
     @property
     def num_classes(self) -> int:
@@ -213,11 +238,14 @@ class Projector(nn.Module):
         return self
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(self.mean.device, self.mean.dtype)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        elif x.shape[1] != 3:
-            raise ValueError(f"images need 1 or 3 channels, got {x.shape[1]}")
+        x, c = images.to(self.mean.device, self.mean.dtype), self.encoder.in_chans
+        if x.shape[1] != c:
+            if x.shape[1] == 1:
+                x = x.expand(-1, c, -1, -1)
+            elif c == 1 and x.shape[1] == 3:
+                x = x.mean(1, keepdim=True)
+            else:
+                raise ValueError(f"images have {x.shape[1]} channels; the encoder takes {c} (or grey)")
         s = self.encoder.input_size
         if x.shape[-2:] != (s, s):
             x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
@@ -318,15 +346,19 @@ def fit_projector(projector: Projector, images: torch.Tensor, teacher_probs: tor
                   targets: torch.Tensor | None, steps: int = 200, lr: float = 1e-3, lam: float = 0.1,
                   augment_fn: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None = None,
                   generator: torch.Generator | None = None, batch_size: int = 64,
-                  weight_decay: float = 0.0) -> dict[str, list[float]]:
-    """AdamW on the LoRA factors. `teacher_probs` is either [N, C] fixed labels (then `augment_fn`
+                  weight_decay: float = 0.0, schedule: str = "cosine") -> dict[str, list[float]]:
+    """AdamW on the LoRA factors, lr constant or cosine-decayed to 0 over `steps` (cosine: a
+    constant lr high enough to fit fast leaves the loss noisy at the end). `teacher_probs` is either [N, C] fixed labels (then `augment_fn`
     must keep labels) or a LabelSource that relabels every augmented view online (the paper's
     setting: mimic the teacher under the augmentations students will see)."""
     params = [p for p in projector.parameters() if p.requires_grad]
     if not params:
         raise ValueError("fit_projector: no trainable parameters; call apply_lora first")
     device = projector.mean.device
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule {schedule!r}; allowed: constant, cosine")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if schedule == "cosine" else None
     curves: dict[str, list[float]] = {"loss": [], "mse": [], "ce": []}
     projector.train()
     for _ in range(steps):
@@ -343,6 +375,8 @@ def fit_projector(projector: Projector, images: torch.Tensor, teacher_probs: tor
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         opt.step()
+        if sched is not None:
+            sched.step()
         for k, v in terms.items():
             curves[k].append(float(v.detach()))
     projector.eval()
@@ -359,18 +393,24 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     os.replace(tmp, path)
 
 
-def save_projector(path_dir: str | Path, projector: Projector, meta: dict[str, str] | None = None) -> Path:
+def save_projector(path_dir: str | Path, projector: Projector, meta: dict[str, str] | None = None,
+                   dtype: torch.dtype = torch.float32) -> Path:
     """One safetensors file: LoRA factors (+ the head if not text-initialised: not regenerable
-    without the images/RNG) and metadata describing the base, classes and config."""
+    without the images/RNG) and metadata describing the base, classes and config. A lower-precision
+    `dtype` (fp16 halves the bytes) first rounds the projector's own tensors in place, so the
+    projector in memory serves exactly the labels the stored one will."""
     import peft
 
     lora = projector.lora_state_dict()
     if not lora:
         raise ValueError("save_projector: no LoRA factors (call apply_lora)")
-    tensors = {n: p.detach().cpu().contiguous() for n, p in lora.items()}
+    stored = dict(lora)
     if projector.cfg.head_init != "text":
-        head = getattr(projector.head, "base_layer", projector.head)
-        tensors["head.weight"] = head.weight.detach().cpu().contiguous()
+        stored["head.weight"] = getattr(projector.head, "base_layer", projector.head).weight
+    with torch.no_grad():
+        for p in stored.values():
+            p.copy_(p.to(dtype))
+    tensors = {n: p.detach().to(dtype).cpu().contiguous() for n, p in stored.items()}
     info = {"format": "distill.projector/1", "config": json.dumps(dataclasses.asdict(projector.cfg)),
             "class_names": json.dumps(projector.class_names), "base_checksum": projector.base_checksum,
             "input_size": str(projector.encoder.input_size), "encoder": projector.cfg.model_name,
@@ -414,7 +454,7 @@ def load_projector(path_dir: str | Path, cfg: ProjectorConfig | None = None,
     if base.checksum != meta["base_checksum"]:
         raise ValueError(f"base encoder checksum mismatch: stored {meta['base_checksum'][:12]}…, "
                          f"{cfg.model_name} from {cfg.checkpoint} is {base.checksum[:12]}…")
-    head = _linear(tensors.pop("head.weight")) if cfg.head_init != "text" else None
+    head = _linear(tensors.pop("head.weight").float()) if cfg.head_init != "text" else None
     proj = apply_lora(build_projector(cfg, stored_classes, base=base, head=head))
     lora = proj.lora_state_dict()
     if set(lora) != set(tensors):

@@ -170,3 +170,40 @@ def test_timm_vit_targets_exact():
     wrapped = {n.split(".lora_")[0] for n in proj.lora_state_dict()}
     assert "encoder.body.patch_embed.proj" not in wrapped and "head" in wrapped
     assert {w.rsplit(".", 1)[-1] for w in wrapped if w != "head"} == {"qkv", "proj", "fc1", "fc2"}
+
+
+def test_fp16_storage_halves_bytes_and_serves_what_it_stores(fitted, tmp_path):
+    proj, _, x = fitted
+    save_projector(tmp_path / "f32", proj)
+    before = ProjectorSource(proj).soft_labels(x).probs
+    save_projector(tmp_path / "f16", proj, dtype=torch.float16)  # rounds proj in place
+    after = ProjectorSource(proj).soft_labels(x).probs
+    back = load_projector(tmp_path / "f16", class_names=CLASSES)
+    assert torch.equal(after, ProjectorSource(back).soft_labels(x).probs)
+    assert (after - before).abs().max() < 1e-2
+    lora_bytes = sum(p.numel() * p.element_size() for p in proj.lora_state_dict().values())
+    assert projector_bytes(tmp_path / "f32") - projector_bytes(tmp_path / "f16") == pytest.approx(lora_bytes / 2, abs=64)
+
+
+def test_engine_checkpoint_as_encoder(tmp_path):
+    """kind 'engine': a grey classifier this engine wrote (e.g. a teacher trained on other data)
+    becomes the frozen base; grey images stay grey, RGB is averaged, LoRA trains its convs."""
+    from distill.models import create_model, save_model
+
+    torch.manual_seed(0)
+    clf = create_model("test_resnet", 3, 1, 16, ("a", "b", "c")).eval()
+    save_model(tmp_path / "enc.safetensors", clf)
+    cfg = ProjectorConfig(kind="engine", model_name="test_resnet", checkpoint=str(tmp_path / "enc.safetensors"),
+                          head_init="prototype", lora_rank=2)
+    x, y = data(20, channels=1, size=16)
+    proj = build_projector(cfg, CLASSES, images=x, targets=y)
+    assert proj.encoder.in_chans == 1 and proj.encoder.input_size == 16
+    with torch.no_grad():  # the body is the checkpoint's network without its classifier
+        assert torch.allclose(proj.encoder(clf.preprocess(x)), clf.net.forward_head(clf.net.forward_features(
+            clf.preprocess(x)), pre_logits=True))
+        assert torch.allclose(proj(x), proj(x.expand(-1, 3, -1, -1)), atol=1e-6)
+    apply_lora(proj)
+    proj(x).sum().backward()
+    assert all(p.grad is not None for p in proj.lora_state_dict().values())
+    with pytest.raises(ValueError, match="needs the checkpoint"):
+        ProjectorConfig(kind="engine", model_name="test_resnet", head_init="prototype")
