@@ -6,7 +6,10 @@
 
 For each dataset and IPC: every method (bn_matching, distribution_matching, gradient_matching),
 with and without FYI flip, is synthesised once (hard labels); the relabel variant reuses the same
-synthesised chunks and only adds the teacher's stored soft labels. `distill eval-synth` then
+synthesised chunks and only adds the teacher's stored soft labels, one stored crop per image per student
+epoch (FKD's protocol: a relabel student sees a new crop every epoch, as a hard-label student does).
+bn_matching runs as its shipped CPU recipes do (`real_confident` init, Adam lr 0.01; `--init`,
+`--bn-lr` override); DM and GM start from random real images. `distill eval-synth` then
 trains fresh ConvNet-3 students (3 seeds by default) on each artefact, on the random real subset
 at the same IPC with the same label mode, and on the full data. Everything is cached under --out:
 a rerun only computes what is missing. This script measures; it asserts nothing.
@@ -72,12 +75,14 @@ def train_teacher(dataset: str, size: int, mnist: str, out: Path, epochs: int) -
     return ckpt
 
 
+BN_SHIPPED = {"lr": 0.01, "init": "real_confident"}  # the CPU recipes' bn_matching (configs/synth/*_bn_*.yaml)
+
+
 def method_options(method: str, budget: dict, bn_lr: float | None = None) -> dict:
     if method == "bn_matching":
-        opts = {"jitter": 2, "jitter_flip": False}
-        if bn_lr is not None:  # SRe2L's Adam lr is 0.25
-            opts["optim"] = {"name": "adam", "lr": bn_lr, "betas": [0.5, 0.9], "schedule": "cosine"}
-        return opts
+        lr = BN_SHIPPED["lr"] if bn_lr is None else bn_lr  # SRe2L's Adam lr is 0.25
+        return {"jitter": 2, "jitter_flip": False,
+                "optim": {"name": "adam", "lr": lr, "betas": [0.5, 0.9], "schedule": "cosine"}}
     opts = {"batch_real": budget["batch_real"], "dsa_ops": NO_FLIP_OPS}
     if method == "gradient_matching" and budget["inner"] is not None:
         opts["inner_loop"] = budget["inner"]
@@ -85,13 +90,16 @@ def method_options(method: str, budget: dict, bn_lr: float | None = None) -> dic
 
 
 def recipe(dataset, size, mnist, ipc, method, flip, labels, teacher, budget, seeds, out, init, bn_lr=None):
+    if method == "bn_matching" and init is None:
+        init = BN_SHIPPED["init"]
+    init = init or "real"
     tag = (f"_{init}" if init != "real" else "") + (f"_lr{bn_lr}" if bn_lr is not None and method == "bn_matching" else "")
     name = f"{dataset}{size}_{method}_ipc{ipc}{'_flip' if flip else ''}_{labels}{tag}"
     raw = {"name": name, "seed": 0, "out_dir": str(out / "artefacts"), "data": data_section(dataset, size, mnist),
            "ipc": ipc, "method": method, "options": method_options(method, budget, bn_lr), "flip": flip,
            "iterations": budget["iters"][method], "init": {"kind": init},
            "teachers": [{"name": "resnet", "model": "test_resnet", "checkpoint": str(teacher)}] if teacher else [],
-           "labels": {"mode": labels, "relabel": {"epochs": 4, "crops_per_image": 1, "topk": 5, "scale": [0.35, 1.0]}},
+           "labels": {"mode": labels, "relabel": {"epochs": budget["epochs"][ipc], "crops_per_image": 1, "topk": 5, "scale": [0.35, 1.0]}},
            "eval": {"students": ["convnet3"], "seeds": seeds, "epochs": budget["epochs"][ipc], "batch_size": budget["batch"],
                     "full_epochs": budget["full_epochs"], "dsa_ops": NO_FLIP_OPS}}
     return parse_synth_config(raw, name)
@@ -120,8 +128,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--size", type=int, default=16, help="image size (digits 8×8 and MNIST 28 px are resized)")
     p.add_argument("--budget", default="cpu", choices=sorted(BUDGETS))
-    p.add_argument("--init", default="real", choices=["noise", "real", "real_confident"])
-    p.add_argument("--bn-lr", type=float, default=None, help="bn_matching Adam lr (default: SRe2L's 0.25)")
+    p.add_argument("--init", default=None, choices=["noise", "real", "real_confident"],
+                   help="every method's init (default: real; bn_matching real_confident, as its recipes)")
+    p.add_argument("--bn-lr", type=float, default=None, help="bn_matching Adam lr (default 0.01, as its recipes; SRe2L's is 0.25)")
     p.add_argument("--teacher-epochs", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="default runs/bench_synth_ipc[_quick]")
@@ -182,6 +191,8 @@ def main() -> None:
     print("\n" + text_table(header, rows))
     print(f"\nConvNet-3 students, final-epoch top-1 over {args.seeds} seed(s); student epochs by IPC "
           f"{budget['epochs']}, full data {budget['full_epochs']} epochs; wall {time.perf_counter() - start:.0f}s")
+    print(f"bn_matching: init {args.init or BN_SHIPPED['init']}, Adam lr {args.bn_lr or BN_SHIPPED['lr']}; "
+          f"other methods: init {args.init or 'real'}; relabel: one stored crop per image per student epoch")
     print(f"anchor (MNIST 28px, DC, 1000-epoch protocol): {ANCHOR_MNIST_DC}")
     goals = []
     for rec in records:
