@@ -73,10 +73,16 @@ def cmd_launch(args: argparse.Namespace) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
-    from distill.config import load_config
+    """Student recipes and synthesis recipes (those with `ipc:`) alike."""
+    from distill.config import load_config, read_yaml
 
-    cfg = load_config(args.recipe, args.overrides)
-    print(f"{args.recipe}: valid recipe {cfg.name!r} (config hash {cfg.hash()})")
+    if "ipc" in read_yaml(args.recipe):
+        from synth.config import load_synth_config
+
+        cfg, kind = load_synth_config(args.recipe, args.overrides), "synthesis recipe"
+    else:
+        cfg, kind = load_config(args.recipe, args.overrides), "recipe"
+    print(f"{args.recipe}: valid {kind} {cfg.name!r} (config hash {cfg.hash()})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,8 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     es = sub.add_parser("eval-synth", help="train fresh students on a distilled set vs a random real subset and full data")
     es.add_argument("artefact", help="distilled-dataset directory written by `distill synth`")
-    es.add_argument("overrides", nargs="*", help="overrides of the protocol (the recipe's eval section), e.g. epochs=50; "
-                    "put them right after ARTEFACT, before the --options")
+    es.add_argument("overrides", nargs="*", help="overrides of the protocol (the recipe's eval section), e.g. epochs=50")
     es.add_argument("--student", action="append", default=None, help="student model (repeat for cross-architecture)")
     es.add_argument("--seeds", type=int, default=None, help="seeds per training set (default: the recipe's)")
     es.add_argument("--data", default=None, help="'digits', a .npz file or an ImageFolder root (default: the recipe's)")
@@ -148,7 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may also follow the --options (argparse stops the positional list there)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.fn(args)
     except USER_ERRORS as err:

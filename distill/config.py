@@ -116,8 +116,8 @@ class ProjectorTeacherConfig(Strict):
         for cand in (v, v / FILE, v / LABELS / FILE):
             if cand.name == FILE and cand.is_file():
                 return cand
-        raise ValueError(f"no projector at {str(v)!r}: give a distilled-dataset directory (holding {LABELS}/{FILE}), "
-                         f"its {LABELS}/ directory, or the {FILE} file itself")
+        raise ValueError(f"projector {str(v)!r} does not exist: give a distilled-dataset directory (holding "
+                         f"{LABELS}/{FILE}), its {LABELS}/ directory, or the {FILE} file itself")
 
     @field_validator("checkpoint")
     @classmethod

@@ -42,6 +42,20 @@ def test_train_cli_with_overrides_and_user_errors(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nothing"), "--data", "digits"]) == 2
 
 
+def test_validate_takes_synthesis_recipes_and_overrides_after_options(capsys):
+    synth_recipe = ROOT / "configs" / "synth" / "digits_dm_ipc10.yaml"
+    assert main(["validate", str(synth_recipe), "ipc=5"]) == 0
+    assert "valid synthesis recipe" in capsys.readouterr().out
+    assert main(["validate", str(synth_recipe), "ipc=0"]) == 2
+    assert "ipc:" in capsys.readouterr().err
+    args = build_parser().parse_known_args(["eval-synth", "ART", "--seeds", "2", "epochs=3"])
+    assert main(["eval-synth", "nothing_here", "--seeds", "1", "epochs=1"]) == 2  # parsed; the artefact is missing
+    assert "no such artefact" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["validate", str(synth_recipe), "--bogus"])
+    assert args[1] == ["epochs=3"]
+
+
 def test_every_shipped_recipe_is_valid_but_for_missing_local_files():
     """Recipes in configs/ must match their schema (training or synthesis); the only problems
     allowed are local files a user must bring (checkpoints, datasets) or a demo run produces."""

@@ -59,7 +59,7 @@ def test_recipe_parses_and_refuses_by_field(tmp_path, files):
     teacher = {"model": "test_resnet", "checkpoint": str(files["teacher"])}
     with pytest.raises(ConfigError, match=r"pool.teachers.1: a teacher is a classifier .*projector.*got keys \['proj'\]"):
         parse_config(_recipe(tmp_path, [teacher, {"proj": str(art)}]))
-    with pytest.raises(ConfigError, match=r"pool.teachers.0.projector: no projector at"):
+    with pytest.raises(ConfigError, match=r"pool.teachers.0.projector: projector .* does not exist"):
         parse_config(_recipe(tmp_path, [{"projector": str(tmp_path / "nowhere")}]))
     with pytest.raises(ConfigError, match=r"pool.teachers.0.checkpoint: checkpoint file .* does not exist"):
         parse_config(_recipe(tmp_path, [{"projector": str(art), "checkpoint": str(tmp_path / "enc.safetensors")}]))
