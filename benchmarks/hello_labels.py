@@ -5,9 +5,9 @@
         [--ranks 4,1,16] [--heads prototype,random] [--image-opt]
 
 1. teacher: test_resnet trained on the target data (configs/synth/teacher_{digits,mnist}.yaml);
-2. "foundation" encoder: a timm test_resnet trained here on the *other* dataset (MNIST for digits,
-   digits for MNIST; never the target data, never the teacher), 3-channel input at 16 px with its
-   own mean/std, saved as a timm state dict;
+2. "foundation" encoder: the test_resnet `distill train` fits on the *other* dataset (MNIST for
+   digits, digits for MNIST: never the target data, never this target's teacher), read as an
+   engine checkpoint without its classifier (`labels.projector.kind: engine`);
 3. one DM synthesis per projector variant, `labels.mode: projector` (synth.hello); variants: the
    main one (first rank, first head), then the other ranks, the other head inits, image-opt on;
 4. fresh ConvNet-3 students (final epoch, `--seeds` seeds) on the same distilled images with
@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -58,40 +57,6 @@ def data_section(dataset: str, mnist: Path) -> dict:
         {"source": "npz", "path": str(mnist), "image_size": 16}
 
 
-def train_encoder(source: str, mnist: Path, out: Path, epochs: int, size: int = 16) -> Path:
-    """timm test_resnet on `source` (grey→RGB at `size`, its pretrained_cfg mean/std, as the
-    projector preprocesses); the classifier is saved too and dropped by timm at load."""
-    import timm
-    from safetensors.torch import save_file
-
-    from distill.config import DataConfig
-    from distill.data import load_data
-
-    path = out / f"encoder_{source}_test_resnet_e{epochs}.safetensors"
-    if path.is_file():
-        return path
-    train, _ = load_data(DataConfig.model_validate(data_section(source, mnist)))
-    x, y = train.images.float().div(255), train.targets
-    torch.manual_seed(0)
-    model = timm.create_model("test_resnet", num_classes=10)
-    mean = torch.tensor(model.pretrained_cfg["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(model.pretrained_cfg["std"]).view(1, 3, 1, 1)
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    for e in range(epochs):
-        for idx in torch.randperm(len(x), generator=g).split(128):
-            loss = F.cross_entropy(model((x[idx].expand(-1, 3, -1, -1) - mean) / std), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        print(f"  encoder ({source}, {len(x)} images) epoch {e}: loss {loss.item():.3f}", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
-
-
 def recipe(out: Path, name: str, data: dict, ipc: int, teacher: Path, enc: Path, iterations: int, label_epochs: int,
            rank: int, head: str, steps: int, image_opt: bool, epochs: int, seeds: int):
     return parse_synth_config({
@@ -101,7 +66,7 @@ def recipe(out: Path, name: str, data: dict, ipc: int, teacher: Path, enc: Path,
         "teachers": [{"model": "test_resnet", "checkpoint": str(teacher)}],
         "labels": {"mode": "projector",
                    "relabel": {"epochs": label_epochs, "crops_per_image": 1, "topk": 5, "scale": [0.5, 1.0]},
-                   "projector": {"kind": "timm", "model": "test_resnet", "checkpoint": str(enc), "input_size": 16,
+                   "projector": {"kind": "engine", "model": "test_resnet", "checkpoint": str(enc),
                                  "head_init": head, "lora_rank": rank, "lora_alpha": 2.0 * rank,
                                  "steps": steps, "lr": 1e-2, "schedule": "cosine", "batch_size": 64,
                                  "real_per_class": 10,
@@ -236,7 +201,7 @@ def main() -> None:
     for ds in args.datasets.split(","):
         source = "mnist" if ds == "digits" else "digits"
         teacher = train_teacher(ds, args.mnist, out / "teachers", 8 if args.quick else 15)
-        enc = train_encoder(source, args.mnist, out / "encoders", 3 if source == "mnist" else 30)
+        enc = train_teacher(source, args.mnist, out / "teachers", 8 if args.quick else 15)
         data = data_section(ds, args.mnist)
         _, test = load_data(DataConfig.model_validate(data))
         print(f"{ds}: teacher {teacher} ({teacher.stat().st_size:,} B); encoder trained on {source}: {enc}", flush=True)
@@ -271,7 +236,7 @@ def main() -> None:
                 rows.append([ds, ipc, label, f"{r['mean']:.2f} ± {r['std']:.2f}", f"{r['label_bytes']:,}", extra])
     header = ["data", "IPC", "label source", "top-1 (final, mean ± std)", "bytes shipped", "projector fit"]
     print(f"\nConvNet-3 students, final-epoch top-1 over {seeds} seeds, epochs by IPC {epochs}; DM {iters} iterations; "
-          f"projector: timm test_resnet trained on the other dataset + LoRA, {steps} fit steps (AdamW 0.01, cosine)")
+          f"projector: test_resnet trained on the other dataset + LoRA, {steps} fit steps (AdamW 0.01, cosine)")
     table = text_table(header, rows)
     print(table)
 

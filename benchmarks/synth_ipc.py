@@ -95,7 +95,7 @@ def recipe(dataset, size, mnist, ipc, method, flip, labels, teacher, budget, see
     init = init or "real"
     tag = (f"_{init}" if init != "real" else "") + (f"_lr{bn_lr}" if bn_lr is not None and method == "bn_matching" else "")
     name = f"{dataset}{size}_{method}_ipc{ipc}{'_flip' if flip else ''}_{labels}{tag}"
-    raw = {"name": name, "seed": 0, "out_dir": str(out / "artefacts"), "data": data_section(dataset, size, mnist),
+    raw = {"name": name, "seed": 0, "out_dir": str(out / "artefacts"), "keep_work": labels == "hard", "data": data_section(dataset, size, mnist),
            "ipc": ipc, "method": method, "options": method_options(method, budget, bn_lr), "flip": flip,
            "iterations": budget["iters"][method], "init": {"kind": init},
            "teachers": [{"name": "resnet", "model": "test_resnet", "checkpoint": str(teacher)}] if teacher else [],

@@ -145,6 +145,9 @@ class SynthConfig(Strict):
     chunk: ChunkConfig = ChunkConfig()
     storage: Literal["uint8", "fp16"] = "uint8"  # dtype of the stored images
     grid_scale: int = Field(4, ge=1, le=32)  # PNG grids: pixels per image pixel (small images need it)
+    # keep work/ (the per-chunk images) after the artefact is written: another recipe with the same
+    # synthesis (synthesis_hash) can then start from them; off, the artefact holds only what it lists
+    keep_work: bool = False
     eval: EvalConfig = EvalConfig()
 
     @field_validator("device")
@@ -199,12 +202,12 @@ class SynthConfig(Strict):
 
     def hash(self) -> str:
         """Identity of the artefact (not where it is written, and not how it is evaluated)."""
-        return self._hash(("out_dir", "eval", "device", "grid_scale"))
+        return self._hash(("out_dir", "eval", "device", "grid_scale", "keep_work"))
 
     def synthesis_hash(self) -> str:
         """Identity of the optimised pixels alone, which chunk files carry: a recipe that changes
         only the name, labels or storage dtype can reuse another's finished chunks."""
-        return self._hash(("out_dir", "eval", "device", "grid_scale", "name", "labels", "storage"))
+        return self._hash(("out_dir", "eval", "device", "grid_scale", "keep_work", "name", "labels", "storage"))
 
     def _hash(self, leave_out: tuple[str, ...]) -> str:
         d = self.to_dict()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,7 +280,10 @@ class SynthJob:
                 "normalisation": {"mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()},
                 "timing": {"seconds": total, "seconds_per_class": total / len(names), "chunks": timing,
                            "device": str(self.device)}, **hello_info}
-        return write_artefact(self.root, images, targets, names, cfg.ipc, dump_config(cfg), info, cfg.grid_scale)
+        manifest = write_artefact(self.root, images, targets, names, cfg.ipc, dump_config(cfg), info, cfg.grid_scale)
+        if not cfg.keep_work:  # the manifest is written: the chunks are no longer needed to resume
+            shutil.rmtree(self.root / WORK, ignore_errors=True)
+        return manifest
 
 
 def synthesize(cfg: SynthConfig, rank: int | None = None, world: int | None = None,
