@@ -5,7 +5,8 @@ linear head into an image→label generator that mimics the teacher online.
 From the paper: frozen CLIP image tower + linear head initialised from CLIP text embeddings of the
 class prompts (free to store), LoRA on the encoder *and* the head, loss MSE(f(x), y_t) + λ·CE(f(x), y),
 only the LoRA factors stored. Ours (no public code): MSE on probabilities summed over classes, LoRA
-B=0 init (the untrained projector *is* zero-shot CLIP), prototype/random heads, timm encoders,
+B=0 init (the untrained projector *is* zero-shot CLIP), prototype/random heads, timm and engine
+(`distill train` checkpoint) encoders, a cosine fit schedule, fp16 storage,
 the on-disk format and its refusals. open_clip, timm and peft are imported at their seam only.
 """
 from __future__ import annotations
@@ -347,10 +348,11 @@ def fit_projector(projector: Projector, images: torch.Tensor, teacher_probs: tor
                   augment_fn: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None = None,
                   generator: torch.Generator | None = None, batch_size: int = 64,
                   weight_decay: float = 0.0, schedule: str = "cosine") -> dict[str, list[float]]:
-    """AdamW on the LoRA factors, lr constant or cosine-decayed to 0 over `steps` (cosine: a
-    constant lr high enough to fit fast leaves the loss noisy at the end). `teacher_probs` is either [N, C] fixed labels (then `augment_fn`
-    must keep labels) or a LabelSource that relabels every augmented view online (the paper's
-    setting: mimic the teacher under the augmentations students will see)."""
+    """AdamW on the LoRA factors, lr constant or cosine-decayed to 0 over `steps` (a constant lr
+    high enough to fit fast leaves the loss noisy at the end). `teacher_probs` is either [N, C]
+    fixed labels (then `augment_fn` must keep labels) or a LabelSource that relabels every
+    augmented view online (the paper's setting: mimic the teacher under the augmentations
+    students will see)."""
     params = [p for p in projector.parameters() if p.requires_grad]
     if not params:
         raise ValueError("fit_projector: no trainable parameters; call apply_lora first")
