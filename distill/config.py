@@ -35,6 +35,15 @@ def _check_scale(v: tuple[float, float]) -> tuple[float, float]:
 CropScale = Annotated[tuple[float, float], AfterValidator(_check_scale)]
 
 
+def _existing_file(v: Path) -> Path:
+    if not v.is_file():
+        raise ValueError(f"checkpoint file {str(v)!r} does not exist")
+    return v
+
+
+CheckpointFile = Annotated[Path, AfterValidator(_existing_file)]  # a local weights file that must exist
+
+
 class AugmentConfig(Strict):
     """Training-time RandomResizedCrop (+ optional horizontal flip), applied per batch as boxes so a
     label store can record and replay them exactly."""
@@ -69,7 +78,7 @@ class ModelConfig(Strict):
     (safetensors written by this engine or a user's; `.pt/.pth` read with `weights_only=True`)."""
 
     model: str
-    checkpoint: Path | None = None
+    checkpoint: CheckpointFile | None = None
     name: str | None = None  # display name; default: the model name
     input_size: int | None = None  # None: the data's image size
     mean: tuple[float, ...] | None = None  # None: from the checkpoint's metadata, else 0.5
@@ -85,13 +94,6 @@ class ModelConfig(Strict):
             raise ValueError(f"unknown model {v!r}; allowed: any timm model name or {suggest_models(v)}")
         return v
 
-    @field_validator("checkpoint")
-    @classmethod
-    def _exists(cls, v: Path | None) -> Path | None:
-        if v is not None and not v.is_file():
-            raise ValueError(f"checkpoint file {str(v)!r} does not exist")
-        return v
-
     @property
     def display_name(self) -> str:
         return self.name or self.model
@@ -104,7 +106,7 @@ class ProjectorTeacherConfig(Strict):
     encoder on this machine, replacing the path stored in the projector (its checksum must match)."""
 
     projector: Path
-    checkpoint: Path | None = None
+    checkpoint: CheckpointFile | None = None
     name: str | None = None  # display name; default: projector_<artefact directory name>
 
     @field_validator("projector")
@@ -118,13 +120,6 @@ class ProjectorTeacherConfig(Strict):
                 return cand
         raise ValueError(f"projector {str(v)!r} does not exist: give a distilled-dataset directory (holding "
                          f"{LABELS}/{FILE}), its {LABELS}/ directory, or the {FILE} file itself")
-
-    @field_validator("checkpoint")
-    @classmethod
-    def _exists(cls, v: Path | None) -> Path | None:
-        if v is not None and not v.is_file():
-            raise ValueError(f"checkpoint file {str(v)!r} does not exist")
-        return v
 
     @property
     def display_name(self) -> str:
