@@ -19,7 +19,6 @@ Each is written as an .npz and synthesised with `distill synth` machinery (DM by
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -31,8 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from distill.artefacts import atomic_path, write_text  # noqa: E402
-from distill.report import markdown_table, plot_table, text_table  # noqa: E402
+from distill.artefacts import atomic_path  # noqa: E402
+from distill.report import text_table, write_benchmark_report  # noqa: E402
 from synth.augment import DSA_OPS  # noqa: E402
 from synth.config import parse_synth_config  # noqa: E402
 from synth.evaluate import eval_synth  # noqa: E402
@@ -181,11 +180,9 @@ def main() -> None:
     for r in records:
         verdict = "flip > no flip" if r["delta"] > 0 else "flip <= no flip"
         print(f"  {r['data']} {r['method']} IPC{r['ipc']}: {verdict} ({r['delta']:+.2f})")
-    write_text(out / "results.json", json.dumps({"args": vars(args), "records": records}, indent=1))
-    plot_table(out / "table.png", header, rows, "FYI flip-aware synthesis: on vs off (ConvNet-3)")
-    write_text(out / "report.md", "\n".join(["# fyi_flip benchmark", "", f"`{' '.join(sys.argv)}`", "",
-                                             markdown_table(header, rows), "", "![table](table.png)", ""]))
-    print(f"report: {out / 'report.md'}")
+    report = write_benchmark_report(out, "fyi_flip", header, rows, {"args": vars(args), "records": records},
+                                    "FYI flip-aware synthesis: on vs off (ConvNet-3)", sys.argv)
+    print(f"report: {report}")
 
 
 if __name__ == "__main__":

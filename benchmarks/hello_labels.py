@@ -116,8 +116,6 @@ def ship_bytes_per_crop(store_root: Path) -> tuple[dict[str, float], float]:
 def in1k_projector(rank: int, bytes_per_param: float, header_per_tensor: float) -> tuple[int, int, float]:
     """LoRA parameters of the ViT-B-32 CLIP image tower (default targets) + a 1000-class head
     (text head: regenerated, not stored), and the bytes they take at the measured sizes."""
-    import dataclasses
-
     from synth.projector import ProjectorConfig, apply_lora, build_encoder, build_projector
 
     cfg = ProjectorConfig(kind="open_clip", model_name="ViT-B-32", lora_rank=rank, head_init="random")

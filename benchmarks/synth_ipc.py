@@ -21,7 +21,6 @@ anchor (MNIST 28 px, ConvNet-3, DC, 1000-epoch evaluation): 91.7 / 97.4 / 98.8 a
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -32,9 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from distill.artefacts import write_text  # noqa: E402
 from distill.config import parse_config  # noqa: E402
-from distill.report import markdown_table, plot_table, text_table  # noqa: E402
+from distill.report import text_table, write_benchmark_report  # noqa: E402
 from synth.config import parse_synth_config  # noqa: E402
 from synth.evaluate import eval_synth  # noqa: E402
 from synth.run import synthesize  # noqa: E402
@@ -209,11 +207,10 @@ def main() -> None:
             goals.append(f"{rec['data']} IPC10 {rec['method']} flip={rec['flip']} soft labels: {gap:.2f} points "
                          f"below full data ({'within' if gap <= 2 else 'NOT within'} 2)")
     print("\n".join(["goals:"] + [f"  {g}" for g in goals]))
-    write_text(out / "results.json", json.dumps({"args": vars(args), "budget": budget, "records": records}, indent=1))
-    plot_table(out / "table.png", header, rows, "distilled sets vs random real subset (ConvNet-3)")
-    write_text(out / "report.md", "\n".join(["# synth_ipc benchmark", "", f"`{' '.join(sys.argv)}`", "",
-                                             markdown_table(header, rows), "", "![table](table.png)", ""]))
-    print(f"report: {out / 'report.md'}")
+    results = {"args": vars(args), "budget": budget, "records": records}
+    report = write_benchmark_report(out, "synth_ipc", header, rows, results,
+                                    "distilled sets vs random real subset (ConvNet-3)", sys.argv)
+    print(f"report: {report}")
 
 
 if __name__ == "__main__":

@@ -85,6 +85,12 @@ def cmd_validate(args: argparse.Namespace) -> None:
     print(f"{args.recipe}: valid {kind} {cfg.name!r} (config hash {cfg.hash()})")
 
 
+def _rank_world(parser: argparse.ArgumentParser, work: str) -> None:
+    """--rank/--world for commands that shard their work across processes (torchrun sets the env)."""
+    parser.add_argument("--rank", type=int, default=None, help=f"this process's shard of {work} (default $RANK or 0)")
+    parser.add_argument("--world", type=int, default=None, help="number of processes (default $WORLD_SIZE or 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distill", description="Knowledge distillation and dataset distillation.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -127,15 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     lb = sub.add_parser("labels", help="write a region-level soft-label store (FKD/FerKD) with the recipe's teachers")
     lb.add_argument("recipe", help="YAML recipe with pool.teachers and labels.store (+ labels.generate)")
     lb.add_argument("overrides", nargs="*", help="key.path=value overrides")
-    lb.add_argument("--rank", type=int, default=None, help="this process's shard of the work (default $RANK or 0)")
-    lb.add_argument("--world", type=int, default=None, help="number of processes (default $WORLD_SIZE or 1)")
+    _rank_world(lb, "the work")
     lb.set_defaults(fn=cmd_labels)
 
     sy = sub.add_parser("synth", help="synthesise a distilled dataset (bn_matching / DM / gradient matching, FYI flip)")
     sy.add_argument("recipe", help="YAML synthesis recipe (configs/synth/)")
     sy.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. ipc=10 flip=true")
-    sy.add_argument("--rank", type=int, default=None, help="this process's shard of the chunks (default $RANK or 0)")
-    sy.add_argument("--world", type=int, default=None, help="number of processes (default $WORLD_SIZE or 1)")
+    _rank_world(sy, "the chunks")
     sy.set_defaults(fn=cmd_synth)
 
     es = sub.add_parser("eval-synth", help="train fresh students on a distilled set vs a random real subset and full data")

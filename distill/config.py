@@ -44,6 +44,15 @@ def _existing_file(v: Path) -> Path:
 CheckpointFile = Annotated[Path, AfterValidator(_existing_file)]  # a local weights file that must exist
 
 
+def _check_device(v: str) -> str:
+    if v not in ("auto", "cpu", "cuda", "mps") and not v.startswith("cuda:"):
+        raise ValueError(f"device {v!r}; allowed: auto, cpu, cuda, cuda:N, mps")
+    return v
+
+
+Device = Annotated[str, AfterValidator(_check_device)]  # auto | cpu | cuda | cuda:N | mps
+
+
 class AugmentConfig(Strict):
     """Training-time RandomResizedCrop (+ optional horizontal flip), applied per batch as boxes so a
     label store can record and replay them exactly."""
@@ -384,7 +393,7 @@ class RunConfig(Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: Device = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     out_dir: Path = Path("runs")
     data: DataConfig = DataConfig()
@@ -394,13 +403,6 @@ class RunConfig(Strict):
     optim: OptimConfig = OptimConfig()
     trainer: TrainerConfig = TrainerConfig()
     labels: LabelsConfig | None = None  # a label store: replayed by `train`, written by `distill labels`
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        if v not in ("auto", "cpu", "cuda", "mps") and not v.startswith("cuda:"):
-            raise ValueError(f"device {v!r}; allowed: auto, cpu, cuda, cuda:N, mps")
-        return v
 
     @model_validator(mode="after")
     def _loss_needs_pool(self) -> "RunConfig":

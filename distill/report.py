@@ -64,6 +64,18 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join([fmt(cells[0]), fmt(["-" * w for w in widths])] + [fmt(r) for r in cells[1:]])
 
 
+def write_benchmark_report(out: Path, name: str, header: Sequence[str], rows: Sequence[Sequence[Any]],
+                           results: dict[str, Any], title: str, command: Sequence[str]) -> Path:
+    """A benchmark's `results.json`, `table.png` and `report.md` (the command, the table) under `out`."""
+    import json
+
+    write_text(out / "results.json", json.dumps(results, indent=1, default=str))
+    plot_table(out / "table.png", header, rows, title)
+    write_text(out / "report.md", "\n".join([f"# {name} benchmark", "", f"`{' '.join(command)}`", "",
+                                             markdown_table(header, rows), "", "![table](table.png)", ""]))
+    return out / "report.md"
+
+
 def write_run_report(run_dir: Path, cfg, history: list[dict[str, Any]], final: dict[str, Any]) -> None:
     plot_curves(run_dir / "curves.png", {cfg.name: history})
     store = cfg.labels.store if cfg.labels is not None else None

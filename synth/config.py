@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from distill.config import (ConfigError, CropScale, DataConfig, ModelConfig, OptimConfig, Strict, apply_overrides,
-                            format_validation_error, read_yaml)
+from distill.config import (ConfigError, CropScale, DataConfig, Device, ModelConfig, OptimConfig, Strict,
+                            apply_overrides, format_validation_error, read_yaml)
 from synth.augment import DSA_OPS
 from synth.hello import HelloConfig
 
@@ -131,7 +131,7 @@ class SynthConfig(Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
-    device: str = "auto"
+    device: Device = "auto"
     out_dir: Path = Path("runs/synth")
     data: DataConfig = DataConfig()
     ipc: int = Field(ge=1)
@@ -149,13 +149,6 @@ class SynthConfig(Strict):
     # synthesis (synthesis_hash) can then start from them; off, the artefact holds only what it lists
     keep_work: bool = False
     eval: EvalConfig = EvalConfig()
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        if v not in ("auto", "cpu", "cuda", "mps") and not v.startswith("cuda:"):
-            raise ValueError(f"device {v!r}; allowed: auto, cpu, cuda, cuda:N, mps")
-        return v
 
     @model_validator(mode="after")
     def _method(self) -> "SynthConfig":
