@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 
 from distill.artefacts import atomic_path, write_text
-from distill.config import parse_config
 from distill.data import load_npz_sets, subset
+from distill.recipe import parse_config
 from distill.report import markdown_table, plot_table, text_table
 from distill.runner import train
-from students.evaluate import evaluate
+from students.accuracy import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 SPLIT_SEED = 1234  # the fixed shuffle that carves teacher / validation / L / U out of the training set

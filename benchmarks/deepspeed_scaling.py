@@ -57,8 +57,9 @@ def memory_worker(model: str, size: int, out: Path) -> None:
     import torch
 
     from distill.config import LossConfig, OptimConfig, TrainerConfig
+    from distill.deepspeed_config import read_deepspeed_config
     from distill.models import create_model
-    from students.deepspeed_backend import DeepSpeedBackend, read_deepspeed_config
+    from students.deepspeed_backend import DeepSpeedBackend
     from students.step import DistillStep
 
     rows = []

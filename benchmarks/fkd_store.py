@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from distill.config import parse_config  # noqa: E402
 from distill.data import ImageSet, load_data  # noqa: E402
-from distill.labels import generate_labels  # noqa: E402
+from distill.generate_store import generate_labels  # noqa: E402
+from distill.recipe import parse_config  # noqa: E402
 from distill.report import plot_curves, text_table  # noqa: E402
 from distill.runner import train  # noqa: E402
 
@@ -113,11 +113,9 @@ def epoch_cost(ds: str, data: dict, out: Path, pool: dict, rounds: int):
     from torch.utils.data import DataLoader
 
     from distill.augment import RandomCrops
-    from distill.labels import open_store_labeler
-    from distill.models import create_model
-    from distill.runner import build_pool
-    from students.step import DistillStep
-    from students.trainer import OnlineLabeler
+    from distill.teacher_pool import build_pool
+    from students.build import create_step
+    from teachers.labeling import LabelContext, labeling_for
 
     fkd = store_section(out, f"{ds}_p1_fkd", 1, crops_per_image=1, topk=5, epochs=1, batch_size=1024)
     multi = store_section(out, f"{ds}_p1_multicrop", 4, crops_per_image=4, topk=5, epochs=1, batch_size=1024)
@@ -127,7 +125,7 @@ def epoch_cost(ds: str, data: dict, out: Path, pool: dict, rounds: int):
     cfgs = {k: parse_config(recipe("p1", out / "p1", data, 1, batch=b, **extra)) for k, (extra, b) in variants.items()}
     for cfg in cfgs.values():
         if cfg.labels is not None:
-            shutil.rmtree(cfg.labels.store, ignore_errors=True)  # fresh: the teacher may have changed
+            shutil.rmtree(cfg.labels.options.store, ignore_errors=True)  # fresh: the teacher may have changed
             generate_labels(cfg, progress=False)
     train_set, _ = load_data(cfgs["hard labels"].data)
     cpu = torch.device("cpu")
@@ -136,12 +134,10 @@ def epoch_cost(ds: str, data: dict, out: Path, pool: dict, rounds: int):
     for _ in range(rounds):
         state = {}
         for label, cfg in cfgs.items():
-            torch.manual_seed(0)
-            student = create_model(STUDENT, train_set.num_classes, train_set.channels, 16, train_set.class_names)
-            step = DistillStep(student, cfg.loss).train()
+            step = create_step(cfg, train_set).train()  # the recipe's student, seeded by cfg.seed
             aug = cfg.data.augment
-            labeler = (open_store_labeler(cfg, train_set) if cfg.labels is not None else
-                       OnlineLabeler(RandomCrops(aug.scale, aug.ratio, aug.flip), build_pool(cfg, train_set, cpu)))
+            labeler = labeling_for(cfg).build(LabelContext(train_set, cpu, RandomCrops(aug.scale, aug.ratio, aug.flip),
+                                                           lambda cfg=cfg: build_pool(cfg, train_set, cpu), cfg))
             gen = torch.Generator().manual_seed(0)
             loader = DataLoader(train_set, batch_size=cfg.trainer.batch_size, shuffle=True, generator=gen, drop_last=True)
             state[label] = {"it": iter(loader), "n": len(loader), "done": 0, "s": 0.0, "views": 0, "gen": gen,

@@ -31,10 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from distill.artefacts import atomic_path  # noqa: E402
+from distill.recipe import parse_synth_config  # noqa: E402
 from distill.report import text_table, write_benchmark_report  # noqa: E402
 from synth.augment import DSA_OPS  # noqa: E402
-from synth.config import parse_synth_config  # noqa: E402
-from synth.evaluate import eval_synth  # noqa: E402
+from synth.eval_synth import eval_synth  # noqa: E402
 from synth.run import synthesize  # noqa: E402
 
 MIRROR_SAFE = {"facing": True, "lfw": True, "digits": False}

@@ -34,14 +34,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from distill.artefacts import atomic_path, write_text  # noqa: E402
+from distill.recipe import parse_synth_config  # noqa: E402
 from distill.report import text_table  # noqa: E402
-from synth.config import parse_synth_config  # noqa: E402
 
 OPS = ["color", "crop", "cutout", "scale", "rotate"]
 
 
 def train_teacher(dataset: str, mnist: Path, out: Path, epochs: int) -> Path:
-    from distill.config import load_config
+    from distill.recipe import load_config
     from distill.runner import train
 
     cfg = load_config(ROOT / f"configs/synth/teacher_{dataset}.yaml",
@@ -78,16 +78,16 @@ def recipe(out: Path, name: str, data: dict, ipc: int, teacher: Path, enc: Path,
 def arms(art, cfg, teachers, out: Path, dev, which: list[str]):
     """(name, labeler, bytes) for each label source on the distilled images."""
     from distill.augment import RandomCrops
-    from students.trainer import OnlineLabeler
-    from synth.evaluate import AugmentLabeler
+    from synth.eval_synth import hard_labeler
     from synth.hello import TrainableLabels, projector_labeler
     from synth.relabel import relabel_store, store_labeler
     from teachers.pool import EnsemblePool
+    from teachers.source import OnlineLabeler
 
     rc, protocol = cfg.labels.relabel, cfg.eval
     for name in which:
         if name == "hard":
-            yield name, AugmentLabeler(protocol), 8 * len(art.images)
+            yield name, hard_labeler(protocol, art.images), 8 * len(art.images)
         elif name == "stored soft":
             root = out / "stores" / art.root.name
             relabel_store(root, art.images, teachers, rc, cfg.seed, cfg.hash(), dev, progress=False)
@@ -128,7 +128,7 @@ def in1k_projector(rank: int, bytes_per_param: float, header_per_tensor: float) 
 
 def measure(art, cfg, m, test, teachers, out: Path, which: list[str], label_of, seeds: int, epochs: int, dev):
     """Final-epoch top-1 of fresh ConvNet-3 students per label source: {label: record}."""
-    from synth.evaluate import train_student
+    from synth.eval_synth import train_student
 
     res = {}
     for arm, labeler, nbytes in arms(art, cfg, teachers, out, dev, which):

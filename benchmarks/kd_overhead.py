@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from distill.config import LossConfig, OptimConfig, parse_config
+from distill.config import LossConfig, OptimConfig
 from distill.models import create_model
 from students.backends import PlainBackend
 from students.step import DistillStep

@@ -31,10 +31,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from distill.config import parse_config  # noqa: E402
+from distill.recipe import (
+    parse_config,  # noqa: E402
+    parse_synth_config,  # noqa: E402
+)
 from distill.report import text_table, write_benchmark_report  # noqa: E402
-from synth.config import parse_synth_config  # noqa: E402
-from synth.evaluate import eval_synth  # noqa: E402
+from synth.eval_synth import eval_synth  # noqa: E402
 from synth.run import synthesize  # noqa: E402
 
 NO_FLIP_OPS = ["color", "crop", "cutout", "scale", "rotate"]  # digits: a mirrored digit is another symbol

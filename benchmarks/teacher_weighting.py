@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 
 from distill.artefacts import atomic_path, write_text
-from distill.config import parse_config
 from distill.data import ImageSet, load_npz_sets, subset
 from distill.models import load_model
+from distill.recipe import parse_config
 from distill.report import markdown_table, plot_table, text_table
 from distill.runner import train
-from students.evaluate import evaluate
+from students.accuracy import evaluate
 from teachers.weighting import distill_weighted
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,9 +16,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from distill import __version__
+from distill.errors import ArtefactError
 
-class ArtefactError(ValueError):
-    """A file on disk is missing, corrupted or does not belong to this job; the message names it."""
+# file names shared by writers and readers in different layers
+LABELS_DIR = "labels"  # a distilled dataset's label folder (relabel store or HeLlO projector)
+PROJECTOR_FILE = "projector.safetensors"  # a HeLlO projector's factors
 
 
 @contextmanager
@@ -61,9 +64,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def versions() -> dict[str, str]:
-    import distill
-
-    return {"distill": distill.__version__, "torch": torch.__version__}
+    return {"distill": __version__, "torch": torch.__version__}
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:

@@ -1,6 +1,8 @@
 """`distill` command line: parse, load a validated recipe, call an importable `run` function.
 
-Errors a user can fix (recipes, data, artefacts) print one clear message and exit 2.
+Errors a user can fix (recipes, data, artefacts) print one clear message and exit 2. Each command
+imports its job when it runs (the jobs pull in torch, timm and the registries), so `distill --help`
+answers at once.
 """
 from __future__ import annotations
 
@@ -8,16 +10,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from distill.artefacts import ArtefactError
-from distill.config import ConfigError
-from distill.data import DataError
-
-USER_ERRORS = (ConfigError, DataError, ArtefactError)
+from distill.errors import USER_ERRORS
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from distill.config import load_config
     from distill.distributed import rank
+    from distill.recipe import load_config
     from distill.runner import train
 
     cfg = load_config(args.recipe, args.overrides)
@@ -28,7 +26,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from distill.evaluation import evaluate_artefact
+    from distill.eval_model import evaluate_artefact
 
     metrics = evaluate_artefact(Path(args.target), args.data, args.split, args.device)
     print("  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
@@ -41,22 +39,22 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_labels(args: argparse.Namespace) -> None:
-    from distill.config import load_config
-    from distill.labels import generate_labels
+    from distill.generate_store import generate_labels
+    from distill.recipe import load_config
 
     cfg = load_config(args.recipe, args.overrides)
     print(generate_labels(cfg, args.rank, args.world).summary())
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
-    from synth.config import load_synth_config
+    from distill.recipe import load_synth_config
     from synth.run import synthesize
 
     print(synthesize(load_synth_config(args.recipe, args.overrides), args.rank, args.world).summary())
 
 
 def cmd_eval_synth(args: argparse.Namespace) -> None:
-    from synth.evaluate import eval_synth
+    from synth.eval_synth import eval_synth
 
     report = eval_synth(args.artefact, args.student, args.seeds, args.data, args.image_size,
                         True if args.best_epoch else None, args.overrides, args.device, args.cache)
@@ -74,14 +72,11 @@ def cmd_launch(args: argparse.Namespace) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> None:
     """Student recipes and synthesis recipes (those with `ipc:`) alike."""
-    from distill.config import load_config, read_yaml
+    from distill.recipe import load_recipe
+    from synth.config import SynthConfig
 
-    if "ipc" in read_yaml(args.recipe):
-        from synth.config import load_synth_config
-
-        cfg, kind = load_synth_config(args.recipe, args.overrides), "synthesis recipe"
-    else:
-        cfg, kind = load_config(args.recipe, args.overrides), "recipe"
+    cfg = load_recipe(args.recipe, args.overrides)
+    kind = "synthesis recipe" if isinstance(cfg, SynthConfig) else "recipe"
     print(f"{args.recipe}: valid {kind} {cfg.name!r} (config hash {cfg.hash()})")
 
 

@@ -2,8 +2,10 @@
 
 A recipe is data (registry names + arguments, `yaml.safe_load`, no Python tags). Unknown keys, wrong
 types and unknown model names fail at load with the field path, the bad value and what is allowed.
-Checks that need the data or checkpoint headers (missing files, class counts) run in `preflight`
-(`distill.runner`) — still before any training step.
+This module is the bottom layer: it parses structure only. Names registered by the upper packages
+(label sources, KD losses, weightings, strategies) are checked by `distill.recipe`, the entry point
+that has imported them all; checks that need the data or checkpoint headers (class counts) run in
+each job before any training step.
 """
 from __future__ import annotations
 
@@ -14,11 +16,12 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag,
-                      ValidationError, field_validator, model_validator)
+                      ValidationError, field_validator, model_serializer, model_validator)
 
-
-class ConfigError(ValueError):
-    """A recipe is wrong. The message names the field, the bad value and what is allowed."""
+from distill.artefacts import LABELS_DIR, PROJECTOR_FILE
+from distill.deepspeed_config import check_deepspeed_config, read_deepspeed_config
+from distill.errors import ConfigError
+from distill.models import is_known_model, suggest_models
 
 
 class Strict(BaseModel):
@@ -97,8 +100,6 @@ class ModelConfig(Strict):
     @field_validator("model")
     @classmethod
     def _known(cls, v: str) -> str:
-        from distill.models import is_known_model, suggest_models
-
         if not is_known_model(v):
             raise ValueError(f"unknown model {v!r}; allowed: any timm model name or {suggest_models(v)}")
         return v
@@ -121,20 +122,16 @@ class ProjectorTeacherConfig(Strict):
     @field_validator("projector")
     @classmethod
     def _resolve(cls, v: Path) -> Path:
-        from synth.hello import LABELS
-        from synth.projector import FILE
-
-        for cand in (v, v / FILE, v / LABELS / FILE):
-            if cand.name == FILE and cand.is_file():
+        for cand in (v, v / PROJECTOR_FILE, v / LABELS_DIR / PROJECTOR_FILE):
+            if cand.name == PROJECTOR_FILE and cand.is_file():
                 return cand
         raise ValueError(f"projector {str(v)!r} does not exist: give a distilled-dataset directory (holding "
-                         f"{LABELS}/{FILE}), its {LABELS}/ directory, or the {FILE} file itself")
+                         f"{LABELS_DIR}/{PROJECTOR_FILE}), its {LABELS_DIR}/ directory, or the {PROJECTOR_FILE} "
+                         f"file itself")
 
     @property
     def display_name(self) -> str:
-        from synth.hello import LABELS
-
-        art = self.projector.parent.parent if self.projector.parent.name == LABELS else self.projector.parent
+        art = self.projector.parent.parent if self.projector.parent.name == LABELS_DIR else self.projector.parent
         return self.name or f"projector_{art.name}"
 
 
@@ -174,7 +171,7 @@ class PoolConfig(Strict):
 
     teachers: list[TeacherConfig] = Field(min_length=1)
     weights: list[float] | None = None  # fixed per-teacher weights (normalised); None: uniform
-    weighting: Literal["uniform", "fixed", "distill_weighted", "confidence"] = "uniform"
+    weighting: str = "uniform"  # a name in teachers.weighting.POOL_WEIGHTINGS, checked at recipe load
     # DistillWeighted τ on scores in [0, 1] (accuracies): 0.1 turns a 0.1 score gap into a weight
     # ratio e ≈ 2.7; τ → 0 is DistillNearest, large τ uniform
     temperature: float = Field(0.1, gt=0)
@@ -228,7 +225,7 @@ class LossConfig(Strict):
     """Student loss. With a pool: `kd` on the pool's soft labels (+ optional `hard_ce` weight, + the
     MEAL V2 discriminator). Without a pool: plain cross-entropy on hard labels."""
 
-    kd: Literal["soft_ce", "kl"] = "soft_ce"
+    kd: str = "soft_ce"  # a name in students.losses.KD_LOSSES (soft_ce | kl), checked at recipe load
     temperature: float = Field(1.0, gt=0)
     hard_ce: float = Field(0.0, ge=0)  # MEAL V2 uses none
     discriminator: Literal["none", "joint", "adversarial"] = "none"
@@ -268,8 +265,6 @@ class TrainerConfig(Strict):
     @field_validator("deepspeed")
     @classmethod
     def _read_deepspeed(cls, v: Path | dict | None) -> dict | None:
-        from students.deepspeed_backend import read_deepspeed_config
-
         return None if v is None else read_deepspeed_config(v)
 
     @model_validator(mode="after")
@@ -282,110 +277,42 @@ class TrainerConfig(Strict):
         return self
 
 
-class CalibrationConfig(Strict):
-    """FerKD region calibration (`teachers.calibrate.RegionCalibrator`), applied while a store is
-    generated, ranking each image's whole crop bank of one epoch. Thresholds are midrank
-    percentiles within the image (per_image) or GT probabilities (absolute). Defaults: drop 5% at
-    each end, calibrate the next 15% with ε = 0.1 label smoothing (docs/fkd_ferkd.md says why)."""
-
-    t_low: float = Field(0.05, ge=0, le=1)
-    t_mid: float = Field(0.2, ge=0, le=1)
-    t_top: float = Field(0.95, ge=0, le=1)
-    epsilon: float = Field(0.1, ge=0, lt=1)
-    score: Literal["gt_prob", "max_prob"] = "gt_prob"
-    ranking: Literal["per_image", "absolute"] = "per_image"
-
-    @model_validator(mode="after")
-    def _order(self) -> "CalibrationConfig":
-        if not self.t_low <= self.t_mid <= self.t_top:
-            raise ValueError(f"need t_low <= t_mid <= t_top, got {self.t_low}, {self.t_mid}, {self.t_top}")
-        return self
-
-
-class SelfMixConfig(Strict):
-    """FerKD SelfMix: each crop mixed with another crop of the same image; λ ~ Beta(alpha, alpha)."""
-
-    mode: Literal["cutmix", "mixup"] = "cutmix"
-    alpha: float = Field(1.0, gt=0)
-
-
-class GenerateConfig(Strict):
-    """What `distill labels` writes: the pool's soft label on `crops_per_image` RandomResizedCrops
-    (data.augment's scale/ratio/flip) per image per epoch, kept as top-k fp16 + class ids."""
-
-    epochs: int | None = Field(None, ge=1)  # None: trainer.epochs
-    crops_per_image: int = Field(8, ge=1, le=32767)  # M, the crop bank per image-epoch
-    topk: int | Literal["full"] = 5  # "full": all classes, dense fp16
-    calibrate: CalibrationConfig | None = None  # FerKD; None: the pool's label as is (FKD)
-    selfmix: SelfMixConfig | None = None
-    shard_images: int = Field(1024, ge=1)  # images per shard (one shard = one epoch × this many)
-    batch_size: int = Field(256, ge=1)  # crops per teacher forward
-
-    @field_validator("topk")
-    @classmethod
-    def _topk(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 1:
-            raise ValueError(f"topk must be >= 1 or 'full', got {v}")
-        return v
-
-    @model_validator(mode="after")
-    def _mix(self) -> "GenerateConfig":
-        if self.selfmix is not None and self.crops_per_image < 2:
-            raise ValueError("selfmix mixes crops of the same image: needs crops_per_image >= 2")
-        return self
-
-
-class ActiveConfig(Strict):
-    """Budgeted teacher queries (Robust Active Distillation; `distill.active`). The training set
-    is split into `labelled` images with their labels (L, a seeded subset) and an unlabelled pool
-    U. Round 0 trains on L; each of `rounds` rounds then scores U with the student, picks images
-    with `strategy`, sends only those to the pool and trains the student (CE on L + KD on every
-    image queried so far; `trainer.epochs` per round). At most ⌊budget·|U|⌋ images × teachers
-    queries are spent in all, including queries on L (pool weighting fit, rad's teacher error)."""
-
-    budget: float = Field(gt=0, le=1)  # fraction of the unlabelled pool's images
-    rounds: int = Field(4, ge=1)
-    strategy: str = "rad"  # a name in teachers.active.STRATEGIES
-    options: dict[str, int | float | str] = {}  # the strategy's arguments, e.g. rad: {k: 50, gain: entropy}
-    labelled: int = Field(0, ge=0)
-    # rad's k = teacher_error × |U|; None: measured on L (|L| × teachers queries from the budget)
-    teacher_error: float | None = Field(None, ge=0, le=1)
-    warm_start: bool = True  # each round continues the previous student (False: a fresh init)
-    # an epoch of a round covers at least this many images (the round's set repeated), so the small
-    # early rounds train as many steps as later ones; 0: one pass over the set
-    round_images: int = Field(0, ge=0)
-
-    @model_validator(mode="after")
-    def _strategy(self) -> "ActiveConfig":
-        from teachers.active import STRATEGIES, create_strategy
-
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; allowed: {', '.join(STRATEGIES.names())}")
-        try:
-            create_strategy(self.strategy, **self.options)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"options {self.options} do not fit strategy {self.strategy!r}: {err}") from None
-        return self
-
-
 class LabelsConfig(Strict):
-    """Where the student's soft labels come from, besides an online pool: exactly one of
-    `store`, a region-level soft-label store (FKD) — `distill labels` writes it (from `generate`);
-    `distill train` replays its crops and labels with no teacher built; each loaded image yields
-    `crops_per_image` views per step (multi-crop loading; trainer.batch_size counts images) —
-    or `active`, budgeted queries to the pool (ActiveConfig)."""
+    """`labels:`, where the student's labels come from: a tagged union on `source`, a name in
+    `teachers.labeling.LABELERS` (hard, pool, store, active, label_smoothing, ...); the section's
+    other keys are that source's options, which its `Options` model validates when the recipe
+    loads (`distill.recipe`). Without a `labels` section: `pool` with a teacher pool, else `hard`.
+    Recipes written before `source` existed keep their meaning: `{store: PATH, ...}` is source
+    `store`, `{active: {...}}` is source `active` with those options."""
 
-    store: Path | None = None
-    active: ActiveConfig | None = None
-    crops_per_image: int | None = Field(None, ge=1)  # views per loaded image; None: all stored
-    decode: Literal["marginal_smoothing", "marginal_renorm", "hard"] = "marginal_smoothing"
-    generate: GenerateConfig | None = None  # None: defaults when generating; no recipe check on replay
+    source: str = Field(pattern=r"^[A-Za-z0-9_]+$")
+    options: Any = {}  # a mapping until the recipe loader validates it into the source's Options
 
-    @model_validator(mode="after")
-    def _one_source(self) -> "LabelsConfig":
-        if (self.store is None) == (self.active is None):
-            raise ValueError("set exactly one of labels.store (a label store) and labels.active (budgeted queries)")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _tag(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        raw = dict(raw)
+        if "source" not in raw:  # the sections of recipes older than the tag
+            if ("store" in raw) == ("active" in raw):
+                raise ValueError("set labels.source (a label source: store, active, pool, hard, label_smoothing, "
+                                 "...); or, as older recipes do, exactly one of labels.store (a label store) and "
+                                 "labels.active (budgeted queries)")
+            if "active" in raw:
+                rest = {k: v for k, v in raw.items() if k != "active"}
+                if rest:
+                    raise ValueError(f"labels.active takes its options inside it; unknown keys beside it: {sorted(rest)}")
+                return {"source": "active", "options": raw["active"] or {}}
+            raw["source"] = "store"
+        source = raw.pop("source")
+        return {"source": source, "options": raw}
+
+    @model_serializer(mode="wrap")
+    def _flat(self, handler: Any) -> dict[str, Any]:
+        """Written back flat, as a recipe writes it: `{source: NAME, option: value, ...}`."""
+        d = handler(self)
+        return {"source": d["source"], **(d["options"] or {})}
 
 
 class RunConfig(Strict):
@@ -402,51 +329,25 @@ class RunConfig(Strict):
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
     trainer: TrainerConfig = TrainerConfig()
-    labels: LabelsConfig | None = None  # a label store: replayed by `train`, written by `distill labels`
+    labels: LabelsConfig | None = None  # None: the pool's labels online, or hard labels without a pool
 
     @model_validator(mode="after")
     def _loss_needs_pool(self) -> "RunConfig":
         if self.pool is None and self.loss.discriminator != "none":
             raise ValueError("loss.discriminator needs a teacher pool (pool.teachers)")
-        if self.labels is not None and self.labels.store is not None and self.loss.discriminator != "none":
-            raise ValueError("loss.discriminator needs teacher logits; a label store (labels.store) holds "
-                             "probabilities only: set loss.discriminator: none")
         return self
 
     @model_validator(mode="after")
     def _deepspeed(self) -> "RunConfig":
-        """A DeepSpeed config may not contradict the recipe (students/deepspeed_backend.py)."""
+        """A DeepSpeed config may not contradict the recipe (distill/deepspeed_config.py)."""
         t = self.trainer
         if t.backend != "deepspeed":
             return self
-        if self.labels is not None and self.labels.active is not None:
-            raise ValueError("labels.active trains in rounds in one process; use trainer.backend: plain")
-        from students.deepspeed_backend import check_deepspeed_config
-
         try:
             check_deepspeed_config(t.deepspeed or {}, batch_size=t.batch_size, grad_accum=t.grad_accum,
                                    precision=self.precision, optimizer=self.optim.name)
         except ValueError as err:
             raise ValueError(f"trainer.deepspeed: {err}") from None
-        return self
-
-    @model_validator(mode="after")
-    def _active(self) -> "RunConfig":
-        active = self.labels.active if self.labels is not None else None
-        if active is None:
-            return self
-        if self.pool is None:
-            raise ValueError("labels.active queries a teacher pool: set pool.teachers")
-        if self.loss.hard_ce > 0 or self.loss.discriminator != "none":
-            raise ValueError("labels.active trains with CE on the labelled set and KD on queried images only: "
-                             "set loss.hard_ce: 0 and loss.discriminator: none")
-        if self.pool.labelled > active.labelled:
-            raise ValueError(f"pool.labelled ({self.pool.labelled}) must be <= labels.active.labelled "
-                             f"({active.labelled}): the pool's target subset must come from the labelled set")
-        if (active.strategy == "rad" and "k" not in active.options and active.teacher_error is None
-                and active.labelled == 0):
-            raise ValueError("labels.active: rad needs the teacher's error rate: set labels.active.labelled > 0 "
-                             "(measured there), labels.active.teacher_error, or labels.active.options.k")
         return self
 
     @property
@@ -497,10 +398,11 @@ def _index(node: list, part: str, key: str) -> int:
     return int(part)
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str, prefix: str = "") -> str:
+    """One line per problem: the field's path (under `prefix`), what is wrong, the bad value."""
     lines = [f"{source}: invalid recipe ({err.error_count()} problem{'s' * (err.error_count() > 1)})"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if p not in _UNION_TAGS) or "(top level)"
+        loc = ".".join([prefix] * bool(prefix) + [str(p) for p in e["loc"] if p not in _UNION_TAGS]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -512,7 +414,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def parse_config(raw: dict[str, Any], source: str = "recipe") -> RunConfig:
+def parse_run_config(raw: dict[str, Any], source: str = "recipe") -> RunConfig:
+    """The recipe's structure; `distill.recipe.parse_config` adds the checks that need registries."""
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
@@ -530,10 +433,6 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of keys, got {type(raw).__name__}")
     return raw
-
-
-def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    return parse_config(apply_overrides(read_yaml(path), list(overrides)), str(path))
 
 
 def dump_config(cfg: BaseModel) -> str:

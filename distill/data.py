@@ -15,12 +15,9 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from distill.config import DataConfig
+from distill.errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
-
-
-class DataError(ValueError):
-    """The data on disk does not match what the recipe says; the message names the file."""
 
 
 class ImageSet(Dataset):
@@ -78,7 +75,7 @@ class ImageFolderSet(ImageSet):
         self._size, self._channels = image_size, channels
 
     def __getitem__(self, i: int):
-        from PIL import Image
+        from PIL import Image  # only image files need it
 
         with Image.open(self.files[i]) as im:
             im = im.convert("L" if self._channels == 1 else "RGB")
@@ -132,7 +129,7 @@ def _as_nchw_uint8(x: np.ndarray, name: str, source: str) -> torch.Tensor:
 
 def load_digits_sets(image_size: int) -> tuple[ImageSet, ImageSet]:
     """scikit-learn's 1,797 8×8 digits, a fixed stratified 80/20 split (seed 0), upscaled."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # heavy: loaded only where a probe or digits need it
     from sklearn.model_selection import train_test_split
 
     d = load_digits()
@@ -174,6 +171,17 @@ def load_imagefolder_sets(root: Path, image_size: int, channels: int) -> tuple[I
         raise DataError(f"{root}: an ImageFolder root holds train/ and val/ (or test/), each with one folder per class")
     train = ImageFolderSet(root / "train", image_size, channels)
     return train, ImageFolderSet(test_dir, image_size, channels, train.class_names)
+
+
+def data_config_for(spec: str, image_size: int, channels: int) -> DataConfig:
+    """'digits' | a .npz file | an ImageFolder root → a data config at the model's input size."""
+    if spec == "digits":
+        return DataConfig(source="digits", image_size=image_size, channels=channels)
+    path = Path(spec)
+    if not path.exists():
+        raise DataError(f"--data {spec!r}: not 'digits' and no such file or folder")
+    source = "npz" if path.suffix == ".npz" else "imagefolder"
+    return DataConfig(source=source, path=path, image_size=image_size, channels=channels)
 
 
 def load_data(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:

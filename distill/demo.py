@@ -7,12 +7,16 @@ ordinary recipe from `configs/demo/`, so each can be rerun alone with `distill t
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 from distill.artefacts import write_text
-from distill.config import ConfigError, apply_overrides, parse_config, read_yaml
+from distill.config import apply_overrides, read_yaml
+from distill.errors import ConfigError
+from distill.recipe import parse_config
 from distill.report import markdown_table, plot_curves, plot_table, text_table
+from distill.runner import train
 
 QUICK = ["trainer.epochs=1", "data.train_limit=128"]
 
@@ -23,8 +27,6 @@ def default_recipes() -> Path:
 
 
 def _run(path: Path, out: Path, overrides: list[str]):
-    from distill.runner import train
-
     raw = apply_overrides(read_yaml(path), [f"out_dir={out}", *overrides])
     cfg = parse_config(raw, str(path))
     start = time.perf_counter()
@@ -77,6 +79,4 @@ def run_demo(out: Path, quick: bool = False, recipes: Path | None = None) -> lis
 
 
 def _teacher_list(teachers) -> str:
-    import json
-
     return json.dumps([{"model": m, "name": n, "checkpoint": str(c)} for n, m, c, _ in teachers])

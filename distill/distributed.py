@@ -21,7 +21,8 @@ from torch import Tensor
 from torch.utils.data import Sampler
 
 from distill.augment import RandomCrops, apply_crops, sample_crops
-from distill.config import ConfigError
+from distill.errors import ConfigError
+
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
@@ -29,6 +30,16 @@ def rank() -> int:
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank_world(rank: int | None = None, world: int | None = None) -> tuple[int, int]:
+    """This process's share of sharded work (label stores, synthesis chunks): the given `--rank`/
+    `--world`, else the launcher's RANK/WORLD_SIZE, else 0 of 1."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"--rank {rank} --world {world}: need world >= 1 and 0 <= rank < world")
+    return rank, world
 
 
 def local_rank() -> int:
@@ -55,6 +66,23 @@ def single_process_env() -> None:
                 "MASTER_PORT": str(free_port())}
     for k, v in defaults.items():
         os.environ.setdefault(k, v)
+
+
+def resolve_device(name: str) -> torch.device:
+    """A recipe's `device` here: `auto` is the GPU when one is visible, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} asked for but no CUDA device is visible; allowed here: cpu, auto")
+    return dev
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"precision: fp16 needs a CUDA device (device is {device}); use bf16 or fp32")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("precision: bf16 is not supported by this GPU; use fp16 or fp32")
 
 
 def rank_device(device: torch.device, backend: str) -> torch.device:

@@ -15,7 +15,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from distill.config import ConfigError, RunConfig, load_config
+from distill.config import RunConfig
+from distill.deepspeed_config import engine_config
+from distill.distributed import free_port, micro_batch
+from distill.errors import ConfigError
+from distill.recipe import load_config
 
 LAUNCHERS = ("torchrun", "deepspeed")
 
@@ -31,15 +35,11 @@ class LaunchPlan:
 
 def check_recipe(cfg: RunConfig, world: int) -> None:
     """What only the number of processes decides, refused before anything starts."""
-    from distill.distributed import micro_batch
-
     if world > 1 and cfg.trainer.backend != "deepspeed":
         raise ConfigError(f"trainer.backend: {cfg.trainer.backend!r} trains in one process; a {world}-process launch "
                           f"needs trainer.backend=deepspeed (and trainer.deepspeed=configs/deepspeed/zero2.json, say)")
     micro_batch(cfg.trainer.batch_size, world, cfg.trainer.grad_accum)
     if cfg.trainer.backend == "deepspeed":
-        from students.deepspeed_backend import engine_config
-
         engine_config(cfg.trainer.deepspeed or {}, batch_size=cfg.trainer.batch_size, grad_accum=cfg.trainer.grad_accum,
                       world=world, precision=cfg.precision)
 
@@ -73,8 +73,6 @@ def plan_launch(recipe: str, overrides: list[str], nproc: int, launcher: str = "
                      f"--master_port={master_port or 29500}"]
         argv += ["-m", "distill.cli", *train]
     else:
-        from distill.distributed import free_port
-
         argv = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}",
                 f"--master_port={master_port or free_port()}", "--no_local_rank", "--module", "distill.cli", *train]
     return LaunchPlan(argv, env)

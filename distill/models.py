@@ -1,14 +1,13 @@
 """Classifiers: one `create_model` for every architecture, and the checkpoint format.
 
-Names resolve in the engine's own registry first (e.g. the field's ConvNet-3, registered by `synth`),
-then in timm. A model is wrapped in `ImageClassifier`, which carries its preprocessing (input size,
+Names resolve in the engine's own registry first (the field's ConvNet-3, `convnet3`, registered
+here), then in timm. A model is wrapped in `ImageClassifier`, which carries its preprocessing (input size,
 channels, mean/std) so models with different preprocessing share one batch of [0, 1] images
 (timm's `task/distillation.py` does the same for teachers).
 """
 from __future__ import annotations
 
 import difflib
-import importlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,33 +16,30 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distill.artefacts import ArtefactError, load_tensors, read_metadata, save_tensors
+from distill.convnet import ConvNet
 from distill.registry import Registry
 
 # name → builder(num_classes, in_chans, image_size, drop_rate) -> nn.Module
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
-_PLUGINS = ("synth.convnet",)  # modules that register engine architectures
 CHECKPOINT_FORMAT = "distill.model/1"
 
 
-def _load_plugins() -> None:
-    for mod in _PLUGINS:
-        try:
-            importlib.import_module(mod)
-        except ImportError:
-            pass
+@MODELS.register("convnet3")
+def convnet3(num_classes: int, in_chans: int, image_size: int, drop_rate: float = 0.0) -> ConvNet:
+    """The field's evaluation student: ConvNet-3, width 128, instance norm (`model: convnet3`)."""
+    return ConvNet(in_chans, num_classes, image_size)
 
 
 def is_known_model(name: str) -> bool:
-    _load_plugins()
     if name in MODELS:
         return True
-    import timm
+    import timm  # heavy (imports torchvision): loaded when a model is named
 
     return timm.is_model(name)
 
 
 def suggest_models(name: str) -> str:
-    import timm
+    import timm  # heavy (imports torchvision): loaded when a model is named
 
     close = difflib.get_close_matches(name, MODELS.names() + timm.list_models(), n=4, cutoff=0.6)
     own = ", ".join(MODELS.names())
@@ -51,10 +47,9 @@ def suggest_models(name: str) -> str:
 
 
 def build_network(name: str, num_classes: int, in_chans: int, image_size: int, drop_rate: float = 0.0) -> nn.Module:
-    _load_plugins()
     if name in MODELS:
         return MODELS.get(name)(num_classes=num_classes, in_chans=in_chans, image_size=image_size, drop_rate=drop_rate)
-    import timm
+    import timm  # heavy (imports torchvision): loaded when a model is named
 
     kwargs: dict[str, Any] = dict(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
     try:  # ViT-style models fix their position embeddings to img_size at construction

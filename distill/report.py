@@ -1,6 +1,7 @@
 """Reports: Markdown with PNG plots, written into a run directory. Matplotlib loads lazily."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -8,7 +9,7 @@ from distill.artefacts import atomic_path, write_text
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # heavy: loaded when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -67,8 +68,6 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def write_benchmark_report(out: Path, name: str, header: Sequence[str], rows: Sequence[Sequence[Any]],
                            results: dict[str, Any], title: str, command: Sequence[str]) -> Path:
     """A benchmark's `results.json`, `table.png` and `report.md` (the command, the table) under `out`."""
-    import json
-
     write_text(out / "results.json", json.dumps(results, indent=1, default=str))
     plot_table(out / "table.png", header, rows, title)
     write_text(out / "report.md", "\n".join([f"# {name} benchmark", "", f"`{' '.join(command)}`", "",
@@ -76,12 +75,11 @@ def write_benchmark_report(out: Path, name: str, header: Sequence[str], rows: Se
     return out / "report.md"
 
 
-def write_run_report(run_dir: Path, cfg, history: list[dict[str, Any]], final: dict[str, Any]) -> None:
+def write_run_report(run_dir: Path, cfg, history: list[dict[str, Any]], final: dict[str, Any], labels: str,
+                     sections: Sequence[str] = ()) -> None:
+    """`report.md` + `curves.png` of a training run; `labels` says what the labels were, `sections`
+    are the label source's own (Markdown lines: pool weights, query budget, ...)."""
     plot_curves(run_dir / "curves.png", {cfg.name: history})
-    store = cfg.labels.store if cfg.labels is not None else None
-    labels = f"label store {store}" if store is not None else "hard labels" if cfg.pool is None else (
-        f"{len(cfg.pool.teachers)} teacher(s): {', '.join(t.display_name for t in cfg.pool.teachers)}; "
-        f"loss {cfg.loss.kd}, discriminator {cfg.loss.discriminator}")
     rows = [[r["epoch"], f"{r['train_loss']:.4f}", f"{r['test_top1']:.2f}", f"{r['test_top5']:.2f}",
              f"{r['epoch_seconds']:.1f}", r["teacher_queries"]] for r in history]
     text = [f"# Run `{cfg.name}`", "", f"- student: `{cfg.student.model}`; labels: {labels}",
@@ -90,41 +88,5 @@ def write_run_report(run_dir: Path, cfg, history: list[dict[str, Any]], final: d
             f"teacher queries {final['teacher_queries']} ({final['teacher_seconds']:.1f} s in teachers)", "",
             "![curves](curves.png)", "",
             markdown_table(["epoch", "train loss", "top-1", "top-5", "seconds", "teacher queries"], rows), ""]
-    text += pool_weights_section(final.get("pool")) + active_budget_section(final.get("active"))
+    text += list(sections)
     write_text(run_dir / "report.md", "\n".join(text))
-
-
-def pool_weights_section(pool: dict[str, Any] | None) -> list[str]:
-    """The pool's weighting: each teacher's weight (and task-similarity score where fitted)."""
-    if not pool:
-        return []
-    scores = pool.get("scores", {})
-    rows = [[name, "-" if w is None else f"{w:.4f}", f"{scores[name]:.4f}" if name in scores else "-",
-             "yes" if name in pool["heads"] else "no"] for name, w in pool["weights"].items()]
-    how = {"confidence": f"mean per-sample weight over the {pool.get('served_rows')} labels served by this "
-                         "process"}.get(pool["weighting"], "weight")
-    extra = f"; score: {pool['score']}" if "score" in pool else ""
-    extra += f"; τ = {pool['temperature']}" if "temperature" in pool else ""
-    return ["## Teacher weights", "", f"- weighting `{pool['weighting']}` ({how}){extra}", "",
-            markdown_table(["teacher", "weight", "score", "target head"], rows), ""]
-
-
-def active_budget_section(active: dict[str, Any] | None) -> list[str]:
-    """How an active-distillation job spent its teacher-query budget, entry by entry."""
-    if not active:
-        return []
-    fmt = lambda row, k, f="{:.2f}": f.format(row[k]) if row.get(k) is not None else "-"  # noqa: E731
-    rows = [[row["name"], row["images"], row["queries"], fmt(row, "seconds", "{:.1f}"), row["cumulative_queries"],
-             row["budget_left"], row.get("train_images", "-"), fmt(row, "teacher_top1_selected"),
-             fmt(row, "test_top1")] for row in active["rounds"]]
-    err = active["teacher_error"]
-    options = f" {active['options']}" if active["options"] else ""
-    return ["## Teacher-query budget", "",
-            f"- strategy `{active['strategy']}`{options}; labelled set {active['labelled']}, "
-            f"pool {active['pool']} images; budget {active['budget']:.0%} = {active['budget_images']} images × "
-            f"{active['teachers']} teacher(s) = {active['budget_queries']} queries; spent "
-            f"**{active['spent_queries']}**; teacher error {'-' if err is None else f'{err:.3f}'}",
-            "- teacher top-1 on selected: the teachers' labels against the images' true labels "
-            "(diagnostic only; the job never reads pool labels)", "",
-            markdown_table(["entry", "images", "queries", "teacher s", "cumulative", "left", "train images",
-                            "teacher top-1 on selected", "student top-1"], rows), ""]

@@ -1,3 +1,6 @@
-"""Student training: losses, the trainer (plain PyTorch or DeepSpeed backends), evaluation."""
+"""Student training: losses, the trainer (plain PyTorch or DeepSpeed backends), evaluation.
 
-from students import deepspeed_backend  # noqa: F401  (registers the "deepspeed" backend; deepspeed itself loads lazily)
+Importing the package registers its entries: KD losses and trainer backends (`deepspeed`
+itself loads lazily, at its seam).
+"""
+from students import backends, deepspeed_backend, losses  # noqa: F401  (register entries)

@@ -8,6 +8,7 @@ backend registers itself in `BACKENDS` beside it.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Callable
 
 import torch
@@ -36,8 +37,6 @@ def lr_factor(cfg: OptimConfig, epoch: int, epochs: int) -> float:
     if cfg.schedule == "step":
         return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
     if cfg.schedule == "cosine":
-        import math
-
         t = (epoch - cfg.warmup_epochs) / max(1, epochs - cfg.warmup_epochs)
         return 0.5 * (1 + math.cos(math.pi * t))
     return 1.0

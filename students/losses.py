@@ -1,13 +1,20 @@
 """Losses as pure tensor functions, plus the MEAL V2 output discriminator.
 
 All KD losses take the student's logits and the label source's probabilities, so the same code
-serves online teachers, stored labels and projectors.
+serves online teachers, stored labels and projectors. `KD_LOSSES` maps a recipe's `loss.kd` to one
+`(student_logits, target_probs, temperature) -> loss`; a new KD loss is one registered function.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from distill.registry import Registry
+
+KD_LOSSES: Registry[Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = Registry("KD loss")
 
 
 def soft_ce(student_logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
@@ -21,6 +28,15 @@ def kd_kl(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature:
     log_q = F.log_softmax(student_logits.float() / temperature, 1)
     kl = (target_probs * (torch.log(target_probs.clamp_min(1e-12)) - log_q)).sum(1).mean()
     return kl * temperature**2
+
+
+@KD_LOSSES.register("soft_ce")
+def soft_ce_kd(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """`loss.kd: soft_ce`: `soft_ce` on probabilities the label source softened at `temperature`."""
+    return soft_ce(student_logits, target_probs)
+
+
+KD_LOSSES.register("kl")(kd_kl)
 
 
 def hard_ce(student_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from torch.func import functional_call
 
 from distill.config import LossConfig
 from distill.models import ImageClassifier
-from students.losses import OutputDiscriminator, discriminator_loss, generator_loss, hard_ce, kd_kl, soft_ce
+from students.losses import KD_LOSSES, OutputDiscriminator, discriminator_loss, generator_loss, hard_ce
 from teachers.source import SoftLabels
 
 
@@ -28,6 +28,7 @@ class DistillStep(nn.Module):
         super().__init__()
         self.student = student
         self.cfg = loss
+        self.kd_loss = KD_LOSSES.get(loss.kd)
         self.discriminator = (OutputDiscriminator(student.num_classes, final_relu=loss.discriminator_final_relu)
                               if loss.discriminator != "none" else None)
 
@@ -48,7 +49,7 @@ class DistillStep(nn.Module):
         probs, kept = soft.probs, logits
         if soft.mask is not None:  # label sources may discard rows (e.g. FerKD)
             probs, kept = probs[soft.mask], logits[soft.mask]
-        kd = kd_kl(kept, probs, self.cfg.temperature) if self.cfg.kd == "kl" else soft_ce(kept, probs)
+        kd = self.kd_loss(kept, probs, self.cfg.temperature)
         terms["kd"] = kd
         loss = kd
         if self.cfg.hard_ce > 0:

@@ -1,6 +1,6 @@
 """Dataset condensation: synthesis methods, flip-aware matching (FYI), label projectors (HeLlO).
 
-Importing the package registers its architectures (ConvNet-3 as `convnet3`) with `distill.models`.
+Importing the package registers its entries: synthesis methods (`synth.methods.SYNTH_METHODS`)
+and the label sources `relabel` and `projector` (`teachers.labeling.LABELERS`).
 """
-from synth import convnet  # noqa: F401  (registers `convnet3`)
-from synth import methods  # noqa: F401  (fills SYNTH_METHODS: bn_matching, distribution_matching, gradient_matching)
+from synth import bn_matching, distribution_matching, gradient_matching, hello, relabel  # noqa: F401  (register)

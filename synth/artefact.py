@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
+from distill.artefacts import LABELS_DIR as LABELS
 from distill.artefacts import ArtefactError, atomic_path, load_tensors, save_tensors, sha256_file, write_text
 from distill.data import ImageSet
 
 FORMAT = "distill.synth/1"
-MANIFEST, IMAGES, CLASSES, RECIPE, GRIDS, LABELS = ("manifest.json", "images.safetensors", "class_names.json",
-                                                    "recipe.yaml", "grids", "labels")
+MANIFEST, IMAGES, CLASSES, RECIPE, GRIDS = "manifest.json", "images.safetensors", "class_names.json", "recipe.yaml", "grids"
 NOT_LISTED = ("work", "eval")  # synthesis chunks and evaluation runs live beside, outside the checksum list
 
 
@@ -36,10 +36,16 @@ def quantise(images01: torch.Tensor, storage: str) -> torch.Tensor:
     return (x * 255).round().to(torch.uint8) if storage == "uint8" else x.half()
 
 
+class FloatImageSet(ImageSet):
+    """Images kept as float on the 0..255 scale (fp16 artefacts): the trainer and the evaluator
+    divide by 255 exactly as for uint8, so nothing downstream needs to know."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, class_names: tuple[str, ...]):
+        self.images, self.targets, self.class_names = images.float(), targets.long(), tuple(class_names)
+
+
 def as_imageset(images: torch.Tensor, targets: torch.Tensor, class_names: tuple[str, ...]) -> ImageSet:
     """Stored tensors → a dataset the trainer reads (fp16 as float on the 0..255 scale)."""
-    from synth.relabel import FloatImageSet
-
     if images.dtype == torch.uint8:
         return ImageSet(images, targets, class_names)
     return FloatImageSet(images.float() * 255, targets, class_names)

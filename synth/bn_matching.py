@@ -15,6 +15,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from distill.config import Strict
+from distill.errors import ConfigError
 from synth.config import ImageOptim
 from synth.methods import SYNTH_METHODS, SynthContext
 from synth.objectives import bn_matching_loss, random_jitter
@@ -54,7 +55,5 @@ class BNMatching:
 def check_has_batchnorm(name: str, model: nn.Module) -> None:
     """bn_matching matches BatchNorm running statistics: a teacher without any cannot be used."""
     if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
-        from distill.config import ConfigError
-
         raise ConfigError(f"teachers: {name} ({getattr(model, 'arch', type(model).__name__)}) has no BatchNorm2d "
                           f"layer; bn_matching matches BN statistics, so use a BN teacher (e.g. a ResNet)")

@@ -3,12 +3,12 @@ label projector (`synth.projector`) to the teacher pool on augmented real + synt
 only its factors (+ a non-regenerable head) in the artefact's `labels/`, and let eval-synth serve
 its soft labels online per augmented batch instead of replaying a stored label store.
 
-    preflight(cfg, real)            before any synthesis: builds the base encoder, refuses a base
+    preflight(hc, real)             before any synthesis: builds the base encoder, refuses a base
                                     whose checksum differs from `checksum`, LoRA targets matching
                                     no module, a projector config the library rejects
-    hello_step(job, images01, y)    at finalise: fit (+ optional image update), save, bytes accounting
-    projector_labeler(art, ...)     eval-synth's label source for projector artefacts; refuses a
-                                    projector whose class list, data size or base differ
+    hello_step(cfg, real, ...)      at finalise: fit (+ optional image update), save, bytes accounting
+    ProjectorLabels (`projector`)   the label source eval-synth serves projector artefacts with;
+                                    refuses a projector whose class list, data size or base differ
     projector_teacher(cfg, ...)     the same projector, same refusals, as a `distill train` pool
                                     teacher (pool.teachers: [{projector: ...}])
 
@@ -19,89 +19,36 @@ the same shapes, hence the same sizes); and their ratio.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import struct
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 
-from distill.artefacts import ArtefactError
-from distill.config import ConfigError, Strict
-
-LABELS = "labels"
-
-
-class ImageOptConfig(Strict):
-    """Ours (the paper updates the images to shrink the teacher–projector gap; its exact form is
-    not published): after fitting, gradient steps on the synthetic pixels of
-    ||softmax(projector(view)) − teacher(view)||² over fresh crops, teacher labels held fixed per
-    step (gradient through the projector only), pixels clamped to [0, 1]. Off by default: on
-    digits IPC 10 it cost 0.55 points (96.39 vs 96.94, benchmarks/hello_labels.py --image-opt)."""
-
-    enabled: bool = False
-    steps: int = Field(50, ge=1)
-    lr: float = Field(0.01, gt=0)
-    batch_size: int = Field(64, ge=1)
+from distill.artefacts import LABELS_DIR as LABELS
+from distill.artefacts import PROJECTOR_FILE, read_metadata
+from distill.augment import RandomCrops
+from distill.config import CropScale, ProjectorTeacherConfig, Strict
+from distill.data import ImageSet
+from distill.errors import ArtefactError, ConfigError
+from synth.artefact import as_imageset, quantise
+from synth.config import HelloConfig, ImageOptConfig, RelabelConfig, SynthConfig
+from synth.init import class_indices, gather, keyed_generator
+from synth.projector import (ProjectorConfig, ProjectorSource, apply_lora, build_encoder, build_projector,
+                             fit_projector, load_projector, projector_bytes, save_projector)
+from synth.relabel import relabel_store
+from teachers.labeling import LabelContext, Labeling, register_labeler
+from teachers.pool import EnsemblePool
+from teachers.source import OnlineLabeler, SoftLabels
+from teachers.teacher import Teacher
 
 
-class HelloConfig(Strict):
-    """The projector (`synth.projector.ProjectorConfig` fields) and how it is fitted.
-
-    `checksum`: the expected `state_checksum` of the base; set it to refuse a checkpoint that is
-    not the one meant (None: accept, and record the one found). Fit views are the crops of
-    `labels.relabel` (scale, ratio, flip): the views students are served labels on."""
-
-    kind: Literal["open_clip", "timm", "engine"] = "timm"  # engine: a checkpoint `distill train` wrote
-    model: str
-    checkpoint: Path | None = None  # local file; None = deterministic random init (tests only)
-    checksum: str | None = None
-    input_size: int | None = Field(None, ge=8)
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
-    head_init: Literal["text", "prototype", "random"] = "prototype"
-    head_scale: float | None = Field(None, gt=0)
-    template: str = "a photo of a {}."
-    lora_rank: int = Field(4, ge=1)
-    lora_alpha: float = Field(8.0, gt=0)
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    lora_targets: list[str] | str | None = None  # None: synth.projector's per-kind defaults
-    steps: int = Field(300, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    # cosine decay to 0 over `steps`: on digits (test_resnet encoder, r4, 600 steps, lr 0.01) it lifts
-    # teacher agreement on fit views from 0.88 (constant lr) to 0.95
-    schedule: Literal["constant", "cosine"] = "cosine"
-    lam: float = Field(0.1, ge=0)  # weight of the hard-label CE term (paper: MSE + λ·CE)
-    batch_size: int = Field(64, ge=1)
-    real_per_class: int = Field(10, ge=0)  # real images per class added to the synthetic ones for fitting
-    probe_views: int = Field(256, ge=1)  # held-out augmented views for the reported fit quality
-    # precision of the stored factors (+ head); the fitted projector is rounded to it before serving
-    store_dtype: Literal["float16", "float32"] = "float16"
-    image_opt: ImageOptConfig = ImageOptConfig()
-
-    def projector_config(self):
-        from synth.projector import ProjectorConfig
-
-        try:
-            return ProjectorConfig(kind=self.kind, model_name=self.model,
-                                   checkpoint=str(self.checkpoint) if self.checkpoint else None,
-                                   lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
-                                   lora_dropout=self.lora_dropout,
-                                   lora_targets=tuple(self.lora_targets) if isinstance(self.lora_targets, list)
-                                   else self.lora_targets,
-                                   head_init=self.head_init, template=self.template, head_scale=self.head_scale,
-                                   input_size=self.input_size, mean=self.mean, std=self.std)
-        except ValueError as err:
-            raise ConfigError(f"labels.projector: {err}") from None
-
-
-def preflight(cfg, real):
+def preflight(hc: HelloConfig, real: ImageSet):
     """Build the frozen base once and refuse a wrong checksum or dead LoRA targets before any
     synthesis compute. Returns the base (reused by `hello_step`)."""
-    from synth.projector import apply_lora, build_encoder, build_projector
-
-    hc: HelloConfig = cfg.labels.projector
     pcfg = hc.projector_config()
     if hc.checkpoint is not None and not Path(hc.checkpoint).is_file():
         raise ConfigError(f"labels.projector.checkpoint: {hc.checkpoint}: no such file")
@@ -112,8 +59,6 @@ def preflight(cfg, real):
     if hc.checksum is not None and hc.checksum != base.checksum:
         raise ConfigError(f"labels.projector.checksum: base encoder {hc.model} from {hc.checkpoint} has checksum "
                           f"{base.checksum[:16]}…, the recipe expects {hc.checksum[:16]}…")
-    import dataclasses
-
     probe = build_projector(dataclasses.replace(pcfg, head_init="random"), real.class_names, base=base)
     try:
         apply_lora(probe)  # refuses targets matching no module, by name
@@ -165,10 +110,6 @@ def replaced_label_bytes(root: Path, images, teachers, rc, seed: int, config_has
     """Bytes of the relabel store these settings would write, without labelling every epoch: label
     epoch 0 is written with the store's own writer; epoch e's shards hold the same tensors and a
     header that differs only in the digits of e (safetensors pads the header to 8 bytes)."""
-    import struct
-
-    from synth.relabel import relabel_store
-
     one = rc.model_copy(update={"epochs": 1})
     m = relabel_store(root, images, teachers, one, seed, config_hash, device, progress=False)
     total = 0
@@ -181,29 +122,30 @@ def replaced_label_bytes(root: Path, images, teachers, rc, seed: int, config_has
             "topk": m["topk"], "bytes": total}
 
 
-def hello_step(job, images01: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Fit, optionally update the images, save into `labels/`, account bytes; (images, manifest info)."""
-    from distill.augment import RandomCrops
-    from synth.artefact import as_imageset, quantise
-    from synth.init import gather, keyed_generator
-    from synth.projector import apply_lora, build_projector, fit_projector, projector_bytes, save_projector
-    from teachers.pool import EnsemblePool
-
-    cfg, hc, rc = job.cfg, job.cfg.labels.projector, job.cfg.labels.relabel
-    dev, names = job.device, tuple(job.real.class_names)
-    start = time.perf_counter()
-    syn = images01.detach().float().clamp(0, 1).to(dev)
+def fit_set(seed: int, real: ImageSet, per_class: int, syn: torch.Tensor, targets: torch.Tensor,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images a projector is fitted on: the synthetic ones + `per_class` real images per class."""
     real_x, real_y = [], []
-    for c, idx in job.by_class.items():
-        pick = idx[torch.randperm(len(idx), generator=keyed_generator(cfg.seed, "hello-real", c))[:hc.real_per_class]]
-        real_x.append(gather(job.real, pick).float().div(255))
+    for c, idx in class_indices(real).items():
+        pick = idx[torch.randperm(len(idx), generator=keyed_generator(seed, "hello-real", c))[:per_class]]
+        real_x.append(gather(real, pick).float().div(255).to(device))
         real_y.append(torch.full((len(pick),), c, dtype=torch.long))
-    fit_x = torch.cat([syn, *[x.to(dev) for x in real_x]])
-    fit_y = torch.cat([targets.long(), *real_y]).to(dev)
-    pool = EnsemblePool(job.teachers).to(dev)
+    return torch.cat([syn, *real_x]), torch.cat([targets.long(), *real_y]).to(device)
+
+
+def hello_step(cfg: SynthConfig, real: ImageSet, teachers: list[Teacher], base, root: Path, device: torch.device,
+               images01: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Fit the projector of `cfg.labels.projector` (on `base`, from `preflight`) to `teachers` on
+    the synthetic + real views, optionally update the images, save it into `root/labels/` and
+    account its bytes against the store it replaces. Returns (images, the manifest's info)."""
+    hc, rc = cfg.labels.projector, cfg.labels.relabel
+    start = time.perf_counter()
+    syn = images01.detach().float().clamp(0, 1).to(device)
+    fit_x, fit_y = fit_set(cfg.seed, real, hc.real_per_class, syn, targets, device)
+    pool = EnsemblePool(teachers).to(device)
     crops = RandomCrops(tuple(rc.scale), tuple(rc.ratio), rc.flip)
-    proj = build_projector(hc.projector_config(), names, images=fit_x, targets=fit_y, base=job.hello_base)
-    proj = apply_lora(proj).to(dev)
+    proj = build_projector(hc.projector_config(), tuple(real.class_names), images=fit_x, targets=fit_y, base=base)
+    proj = apply_lora(proj).to(device)
     probe_x = fit_x[torch.randperm(len(fit_x), generator=keyed_generator(cfg.seed, "hello-probe"))[:hc.probe_views]]
     before = _probe(proj, pool, probe_x, crops, keyed_generator(cfg.seed, "hello-probe-views"))
     curves = fit_projector(proj, fit_x, pool, fit_y, steps=hc.steps, lr=hc.lr, lam=hc.lam,
@@ -220,15 +162,14 @@ def hello_step(job, images01: torch.Tensor, targets: torch.Tensor) -> tuple[torc
         opt_probe = _probe(proj, pool, out, crops, keyed_generator(cfg.seed, "hello-probe-views"))
         info["image_opt"] = {"steps": hc.image_opt.steps, "synthetic_before": syn_probe, "synthetic_after": opt_probe}
         out = out.cpu()
-    teacher_meta = json.dumps([t.name for t in job.teachers])
-    path = save_projector(job.root / LABELS, proj.cpu(), meta={"data_image_size": job.real.image_size,
-                                                               "data_channels": job.real.channels,
-                                                               "teachers": teacher_meta},
+    path = save_projector(root / LABELS, proj.cpu(), meta={"data_image_size": real.image_size,
+                                                           "data_channels": real.channels,
+                                                           "teachers": json.dumps([t.name for t in teachers])},
                           dtype=getattr(torch, hc.store_dtype))
     pbytes = projector_bytes(path.parent)
-    stored = as_imageset(quantise(out, cfg.storage), targets, names)
-    rep = replaced_label_bytes(job.root / "work" / "hello-replaced-labels", stored, job.teachers, rc, cfg.seed,
-                               cfg.hash(), dev)
+    stored = as_imageset(quantise(out, cfg.storage), targets, tuple(real.class_names))
+    rep = replaced_label_bytes(root / "work" / "hello-replaced-labels", stored, teachers, rc, cfg.seed, cfg.hash(),
+                               device)
     params = sum(p.numel() for p in proj.lora_state_dict().values())
     info["projector"] = {"file": f"{LABELS}/{path.name}", "bytes": pbytes, "lora_parameters": params,
                          "head_stored": hc.head_init != "text", "base_checksum": proj.base_checksum,
@@ -247,8 +188,6 @@ class TrainableLabels:
         self.source, self.num_classes, self.cost = source, source.num_classes, source.cost
 
     def soft_labels(self, images, targets=None, index=None):
-        from teachers.source import SoftLabels
-
         soft = self.source.soft_labels(images, targets, index)
         return SoftLabels(probs=soft.probs.clone(), logits=None if soft.logits is None else soft.logits.clone())
 
@@ -258,11 +197,6 @@ def _load_checked(path: Path, class_names, image_size: int, channels: int, check
     """The projector in `path` (a projector.safetensors), refused — ArtefactError naming the file —
     when fitted for another data size, channel count or class list, or when its base (at
     `checkpoint`, default the stored one) has another checksum: its labels would be another function's."""
-    import dataclasses
-
-    from distill.artefacts import read_metadata
-    from synth.projector import ProjectorConfig, load_projector
-
     meta = read_metadata(path)
     if meta.get("format") != "distill.projector/1":
         raise ArtefactError(f"{path}: not a HeLlO projector file (format {meta.get('format')!r})")
@@ -278,22 +212,50 @@ def _load_checked(path: Path, class_names, image_size: int, channels: int, check
         raise ArtefactError(f"{path}: {err}") from None
 
 
-def projector_labeler(art, rc, device, checkpoint: str | Path | None = None):
-    """(OnlineLabeler serving projector labels on fresh `labels.relabel` crops, projector bytes).
-    Refuses, naming the file, a projector fitted for another class list, data size or channels, or
-    whose base (at `checkpoint`, default the stored one) has another checksum."""
-    from distill.augment import RandomCrops
-    from students.trainer import OnlineLabeler
-    from synth.projector import FILE, ProjectorSource, projector_bytes
+class ProjectorOptions(Strict):
+    """A fitted projector (`projector`: its `projector.safetensors`) serving labels online on fresh
+    RandomResizedCrops (the artefact's `labels.relabel` crops); `checkpoint`: this machine's copy
+    of its base encoder (its checksum must match)."""
 
+    projector: Path
+    scale: CropScale = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = False
+    checkpoint: Path | None = None
+
+
+@register_labeler("projector")
+class ProjectorLabels(Labeling):
+    """HeLlO: labels from a LoRA projector, generated per view instead of replayed from a store."""
+
+    Options = ProjectorOptions
+
+    def load(self, class_names, image_size: int, channels: int, device) -> OnlineLabeler:
+        """Refuses, naming the file, a projector fitted for another class list, data size or
+        channels, or whose base has another checksum."""
+        o = self.options
+        if not o.projector.is_file():
+            raise ArtefactError(f"{o.projector}: missing (label mode 'projector')")
+        proj = _load_checked(o.projector, class_names, image_size, channels, o.checkpoint, device)
+        crops = RandomCrops(tuple(o.scale), tuple(o.ratio), o.flip)
+        return OnlineLabeler(crops, TrainableLabels(ProjectorSource(proj)))
+
+    def build(self, ctx: LabelContext) -> OnlineLabeler:
+        return self.load(ctx.train.class_names, ctx.train.image_size, ctx.train.channels, ctx.device)
+
+    def describe(self, run) -> str:
+        return f"HeLlO projector {self.options.projector}"
+
+
+def projector_labeler(art, rc: RelabelConfig, device, checkpoint: str | Path | None = None):
+    """(eval-synth's labeler for a projector artefact, the projector's bytes): the `projector`
+    label source on the artefact's projector, crops of its `labels.relabel` settings."""
     root = Path(art.root) / LABELS
-    path = root / FILE
-    if not path.is_file():
-        raise ArtefactError(f"{path}: missing (label mode 'projector')")
+    opts = ProjectorOptions(projector=root / PROJECTOR_FILE, scale=rc.scale, ratio=rc.ratio, flip=rc.flip,
+                            checkpoint=checkpoint)
     m = art.manifest
-    proj = _load_checked(path, m["class_names"], m["image_size"], m["channels"], checkpoint, device)
-    crops = RandomCrops(tuple(rc.scale), tuple(rc.ratio), rc.flip)
-    return OnlineLabeler(crops, TrainableLabels(ProjectorSource(proj))), projector_bytes(root)
+    labeler = ProjectorLabels(opts).load(m["class_names"], m["image_size"], m["channels"], device)
+    return labeler, projector_bytes(root)
 
 
 class ProjectorClassifier(torch.nn.Module):
@@ -336,11 +298,10 @@ class ProjectorClassifier(torch.nn.Module):
                 "checkpoint": p.cfg.checkpoint}
 
 
-def projector_teacher(cfg, class_names, image_size: int, channels: int, device="cpu"):
+def projector_teacher(cfg: ProjectorTeacherConfig, class_names, image_size: int, channels: int,
+                      device="cpu") -> Teacher:
     """A pool teacher (`teachers.Teacher`) serving a projector's logits to `distill train`
     (`pool.teachers: [{projector: ...}]`, distill.config.ProjectorTeacherConfig), with the same
     refusals as eval-synth: another class list, data size, channel count or base is an ArtefactError."""
-    from teachers.teacher import Teacher
-
     proj = _load_checked(Path(cfg.projector), class_names, image_size, channels, cfg.checkpoint, device)
     return Teacher(cfg.display_name, ProjectorClassifier(proj, cfg.projector, channels, image_size))

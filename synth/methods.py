@@ -6,6 +6,7 @@ A method is one module holding one registered class with
 - `__init__(opts, ctx)`: build what it needs from the `SynthContext` (real data, teachers, stats);
 - `loss(x, y, step, generator) -> {"loss": ..., named terms}` on synthetic images `x` in [0, 1].
 
+Importing the `synth` package imports every method module, which registers itself here.
 The loop around it (`synth.run.optimise`) is shared: it owns the pixels, the optimiser
 (`opts.optim`), the schedule, clipping and FYI — with `flip: true`, `x, y` arrive as
 `flip_concat(x, y)`, so a method never needs to know about flipping.
@@ -16,15 +17,16 @@ from dataclasses import dataclass
 from typing import Callable, ClassVar, Protocol
 
 import torch
+from pydantic import field_validator
 from torch import Tensor, nn
 
 from distill.config import Strict
 from distill.data import ImageSet
+from distill.models import create_model
 from distill.registry import Registry
-from pydantic import field_validator
-
 from synth.augment import DSA, DSA_OPS
 from synth.config import ImageOptim
+from synth.init import gather
 
 
 class SynthMethod(Protocol):
@@ -72,15 +74,11 @@ class SynthContext:
         """n random real images of class c (without replacement when the class has n), [0, 1]."""
         idx = self.by_class[c]
         pick = idx[torch.randperm(len(idx), generator=generator)[:n]]
-        from synth.init import gather
-
         return gather(self.real, pick).to(self.device).float().div_(255)
 
     def random_network(self, arch: str, generator: torch.Generator) -> nn.Module:
         """A freshly initialised network taking [0, 1] images (normalised inside with the data's
         mean/std), its initial weights drawn from `generator` so a chunk is reproducible."""
-        from distill.models import create_model
-
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
             model = create_model(arch, self.num_classes, self.channels, self.image_size, self.real.class_names,
@@ -122,6 +120,3 @@ def class_groups(x: Tensor, y: Tensor) -> tuple[list[int], list[Tensor]]:
     classes = torch.unique(y).tolist()
     return classes, [x[y == c] for c in classes]
 
-
-# importing the method modules fills the registry (each registers itself)
-from synth import bn_matching, distribution_matching, gradient_matching  # noqa: E402,F401

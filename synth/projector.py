@@ -25,7 +25,11 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from distill.artefacts import PROJECTOR_FILE
+from distill.models import CHECKPOINT_FORMAT, create_model, read_checkpoint_header
 from teachers.source import LabelSource, QueryCost, SoftLabels
 
 KINDS = ("open_clip", "timm", "engine")  # engine: a classifier checkpoint this engine wrote (e.g. a teacher's)
@@ -34,7 +38,7 @@ OPEN_CLIP_TARGETS = ("attn", "c_fc", "c_proj")  # "attn" = peft's MultiheadAtten
 # timm ViT blocks (exact, so the patch-embed `proj` conv is not caught), ResNet stage convs,
 # EfficientNet/MobileNet pointwise convs (never depthwise: grouped convs), ConvNeXt block MLPs.
 TIMM_TARGETS = r".*(blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))|layer\d+\.\d+\.conv\d|blocks\.\d+\.\d+\.conv_pwl?)"
-FILE = "projector.safetensors"
+FILE = PROJECTOR_FILE
 _LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 
 
@@ -135,7 +139,7 @@ def build_encoder(cfg: ProjectorConfig) -> Base:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         if cfg.kind == "open_clip":
-            import open_clip
+            import open_clip  # heavy, optional: open_clip encoders only
             model = open_clip.create_model(cfg.model_name, pretrained=None)
             if cfg.checkpoint:
                 open_clip.load_checkpoint(model, cfg.checkpoint, strict=True, weights_only=True)
@@ -147,7 +151,7 @@ def build_encoder(cfg: ProjectorConfig) -> Base:
         elif cfg.kind == "engine":
             model, body, tok, size, mean, std = _engine_classifier(cfg)
         else:
-            import timm
+            import timm  # heavy (imports torchvision): loaded when a model is named
             overlay = {"file": str(cfg.checkpoint)} if cfg.checkpoint else None
             model = timm.create_model(cfg.model_name, pretrained=bool(cfg.checkpoint),
                                       pretrained_cfg_overlay=overlay, num_classes=0)
@@ -163,8 +167,6 @@ def build_encoder(cfg: ProjectorConfig) -> Base:
 def _engine_classifier(cfg: ProjectorConfig):
     """An engine checkpoint (e.g. a teacher trained on other data): its timm network without the
     classifier, with the preprocessing its metadata records."""
-    from distill.models import CHECKPOINT_FORMAT, create_model, read_checkpoint_header
-
     meta = read_checkpoint_header(cfg.checkpoint)
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{cfg.checkpoint}: not a checkpoint this engine wrote (kind 'engine')")
@@ -284,7 +286,7 @@ def build_projector(cfg: ProjectorConfig, class_names: Sequence[str], images: to
 def apply_lora(projector: Projector, cfg: ProjectorConfig | None = None) -> Projector:
     """peft LoRA on the encoder's targets and on the head (as the paper does); everything else
     frozen. `cfg` may change only the LoRA fields of `projector.cfg`."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig, inject_adapter_in_model  # heavy: LoRA only
 
     cfg = cfg or projector.cfg
     if dataclasses.replace(cfg, **{f: getattr(projector.cfg, f) for f in _LORA_FIELDS}) != projector.cfg:
@@ -316,7 +318,7 @@ def _pin_attention_bases(projector: nn.Module) -> None:
     merge builds a new tensor and leaves W untouched, so put the exact original back after forward.
     Also seen in peft 0.21.2: that merge adds out_proj's ΔW twice (W + 2ΔW); harmless (a rescaling,
     same in training and serving) but version-bound, hence the peft version in the metadata."""
-    from peft.tuners.lora.layer import MultiheadAttention
+    from peft.tuners.lora.layer import MultiheadAttention  # heavy: LoRA only
 
     def keep(mod: nn.Module, args: Any) -> None:
         mha = mod.get_base_layer()
@@ -386,8 +388,6 @@ def fit_projector(projector: Projector, images: torch.Tensor, teacher_probs: tor
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     with open(tmp, "rb") as f:
@@ -432,8 +432,6 @@ def load_projector(path_dir: str | Path, cfg: ProjectorConfig | None = None,
     """Rebuild the base from `cfg` (default: the stored one; pass one to point at this machine's
     checkpoint), regenerate a text head, load the factors. Refuses a different class list, input
     size, base checksum or config rather than serve labels from another function."""
-    from safetensors import safe_open
-
     with safe_open(str(Path(path_dir) / FILE), framework="pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     stored_cfg, stored_classes = ProjectorConfig.from_dict(json.loads(meta["config"])), json.loads(meta["class_names"])

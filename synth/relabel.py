@@ -3,27 +3,23 @@
 sharded and checksummed by the store's own writer, read back by its `LabelStore`/`StoredLabeler`.
 
 The same code labels a distilled set (into the artefact's `labels/`) and the random real subset
-that eval-synth trains beside it, so both carry labels of the same kind and size.
+that eval-synth trains beside it, so both carry labels of the same kind and size. Students replay
+them through the `relabel` label source (`RelabelLabels`): student epoch e reads label epoch e mod E.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from distill.artefacts import ArtefactError
-from distill.config import ConfigError
+from distill.config import Strict
 from distill.data import ImageSet
+from distill.errors import ArtefactError, ConfigError
 from synth.config import RelabelConfig
-
-
-class FloatImageSet(ImageSet):
-    """Images kept as float on the 0..255 scale (fp16 artefacts): the trainer and the evaluator
-    divide by 255 exactly as for uint8, so nothing downstream needs to know."""
-
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, class_names: tuple[str, ...]):
-        self.images, self.targets, self.class_names = images.float(), targets.long(), tuple(class_names)
+from teachers.labeling import LabelContext, Labeling, register_labeler
+from teachers.pool import EnsemblePool
+from teachers.store import DECODE_MODES, LabelStore, RowBatched, StoredLabeler, StoreSpec, generate_store
 
 
 def resolve_topk(rc: RelabelConfig, num_classes: int) -> int:
@@ -39,9 +35,6 @@ def relabel_store(root: Path, images: ImageSet, teachers: list, rc: RelabelConfi
                   device: torch.device, rank: int = 0, world: int = 1, progress: bool = True) -> dict[str, Any] | None:
     """Write (or resume) the label store for `images`; its manifest, or None while other ranks'
     shards are missing. Several teachers: the MEAL V2 mean of their softmax."""
-    from teachers.pool import EnsemblePool
-    from teachers.store import RowBatched, StoreSpec, generate_store
-
     names = tuple(t.name for t in teachers)
     desc = f"teacher {names[0]}" if len(names) == 1 else f"MEAL V2 ensemble of {', '.join(names)}"
     source = RowBatched(EnsemblePool(teachers).to(device), rc.batch_size)
@@ -53,25 +46,48 @@ def relabel_store(root: Path, images: ImageSet, teachers: list, rc: RelabelConfi
     return generate_store(root, spec, images, source, device, rc.batch_size, rank, world, progress)
 
 
-def store_labeler(root: Path, images: ImageSet, decode: str):
-    """The trainer's labeler replaying a store; student epoch e reads label epoch e mod E, all E
-    label epochs verified once and kept in memory."""
-    from teachers.store import LabelStore, StoredLabeler
+class CyclicStoredLabeler(StoredLabeler):
+    """Replays a store of E label epochs for any number of student epochs (epoch e reads label
+    epoch e mod E), every label epoch verified once and kept in memory."""
 
-    class CyclicStoredLabeler(StoredLabeler):
-        def __init__(self, store: LabelStore):
-            super().__init__(store, None, decode)
-            self._cache: dict[int, dict[str, torch.Tensor]] = {}
+    def __init__(self, store: LabelStore, decode: str):
+        super().__init__(store, None, decode)
+        self._cache: dict[int, dict[str, torch.Tensor]] = {}
 
-        def rows(self, epoch: int) -> dict[str, torch.Tensor]:
-            e = epoch % self.store.spec.epochs
-            if e not in self._cache:
-                self._cache[e] = self.store.load_epoch(e)
-            return self._cache[e]
+    def rows(self, epoch: int) -> dict[str, torch.Tensor]:
+        e = epoch % self.store.spec.epochs
+        if e not in self._cache:
+            self._cache[e] = self.store.load_epoch(e)
+        return self._cache[e]
 
-    store = LabelStore(root)
-    try:
-        store.check_data(images)
-    except ArtefactError as err:
-        raise ArtefactError(f"{err} (the labels do not belong to these images)") from None
-    return CyclicStoredLabeler(store), store.bytes
+
+class RelabelOptions(Strict):
+    """A relabel store (`store`: its directory) of the images being trained on."""
+
+    store: Path
+    decode: Literal[DECODE_MODES] = "marginal_smoothing"
+
+
+@register_labeler("relabel")
+class RelabelLabels(Labeling):
+    """SRe2L relabel: the store's crops and soft labels, replayed cyclically; no teacher."""
+
+    Options = RelabelOptions
+
+    def build(self, ctx: LabelContext) -> CyclicStoredLabeler:
+        store = LabelStore(self.options.store)
+        try:
+            store.check_data(ctx.train)
+        except ArtefactError as err:
+            raise ArtefactError(f"{err} (the labels do not belong to these images)") from None
+        return CyclicStoredLabeler(store, self.options.decode)
+
+    def describe(self, run) -> str:
+        return f"relabel store {self.options.store}"
+
+
+def store_labeler(root: Path, images: ImageSet, decode: str) -> tuple[CyclicStoredLabeler, int]:
+    """(the `relabel` labeler replaying the store at `root` for `images`, the store's bytes)."""
+    labeler = RelabelLabels(RelabelOptions(store=root, decode=decode)).build(
+        LabelContext(images, torch.device("cpu"), views=lambda x, g: x))
+    return labeler, labeler.store.bytes

@@ -11,7 +11,6 @@ and writes the artefact (`synth.artefact`).
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -21,14 +20,20 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from distill.artefacts import ArtefactError, load_tensors, save_tensors, sha256_file
-from distill.config import ConfigError, dump_config
+from distill.artefacts import load_tensors, read_metadata, save_tensors, sha256_file
+from distill.config import dump_config
 from distill.data import ImageSet, load_data
+from distill.distributed import rank_world, resolve_device
+from distill.errors import ArtefactError, ConfigError
+from distill.models import CHECKPOINT_FORMAT, read_checkpoint_header
 from synth.artefact import MANIFEST, as_imageset, quantise, read_manifest, write_artefact
 from synth.config import SynthConfig
-from synth.init import check_init, class_indices, init_images, keyed_generator
+from synth.hello import hello_step, preflight
+from synth.init import check_init, class_indices, gather, init_images, keyed_generator
 from synth.methods import SYNTH_METHODS, SynthContext, SynthMethod
 from synth.objectives import flip_concat
+from synth.relabel import relabel_store, resolve_topk
+from teachers.teacher import create_teacher
 
 WORK = "work"
 
@@ -75,19 +80,9 @@ class SynthResult:
                 f"({self.chunks_run} chunk(s) run now, {self.seconds:.1f}s)")
 
 
-def rank_world(rank: int | None = None, world: int | None = None) -> tuple[int, int]:
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
-    if world < 1 or not 0 <= rank < world:
-        raise ConfigError(f"rank {rank} of world {world}: need world >= 1 and 0 <= rank < world")
-    return rank, world
-
-
 def data_stats(real: ImageSet, seed: int, max_images: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean/std of the real training images in [0, 1]: the normalised pixel space.
     In-memory data: all images; lazy ImageFolder data: a keyed sample of `max_images`."""
-    from synth.init import gather
-
     if hasattr(real, "images"):
         x = real.images.float().div(255)
     else:
@@ -97,9 +92,6 @@ def data_stats(real: ImageSet, seed: int, max_images: int = 4096) -> tuple[torch
 
 
 def build_teachers(cfg: SynthConfig, real: ImageSet, device: torch.device) -> list:
-    from distill.models import CHECKPOINT_FORMAT, read_checkpoint_header
-    from teachers.teacher import create_teacher
-
     out = []
     for i, t in enumerate(cfg.teachers):
         meta = read_checkpoint_header(t.checkpoint) if t.checkpoint else {}
@@ -151,8 +143,6 @@ class SynthJob:
 
     def __init__(self, cfg: SynthConfig, rank: int, world: int, data: tuple[ImageSet, ImageSet] | None,
                  progress: bool):
-        from distill.runner import resolve_device
-
         self.cfg, self.rank, self.world, self.progress = cfg, rank, world, progress
         self.root = cfg.run_dir
         self.device = resolve_device(cfg.device)
@@ -164,19 +154,13 @@ class SynthJob:
         check_init(cfg.init.kind, cfg.ipc, self.real, self.by_class)
         self.mean, self.std = data_stats(self.real, cfg.seed)
         self.method_cls = SYNTH_METHODS.get(cfg.method)
-        self.opts = cfg.method_options()
+        self.opts = self.method_cls.Options.model_validate(cfg.options)
         self.teachers = build_teachers(cfg, self.real, self.device)
-        if cfg.labels.mode == "relabel":
-            from synth.relabel import resolve_topk
-
+        if cfg.labels.mode in ("relabel", "projector"):
             resolve_topk(cfg.labels.relabel, self.real.num_classes)
         self.hello_base = None
         if cfg.labels.mode == "projector":  # HeLlO: refuse a wrong base / dead LoRA targets before compute
-            from synth.hello import preflight
-            from synth.relabel import resolve_topk
-
-            resolve_topk(cfg.labels.relabel, self.real.num_classes)
-            self.hello_base = preflight(cfg, self.real)
+            self.hello_base = preflight(cfg.labels.projector, self.real)
         self.chunks = plan_chunks(cfg, self.real.num_classes)
         self.method_cls(self.opts, self.context())  # a method's own checks (e.g. BN teachers) run now
         self._check_existing()
@@ -199,8 +183,6 @@ class SynthJob:
         path = self.chunk_path(ch)
         if not path.is_file():
             return False
-        from distill.artefacts import read_metadata
-
         meta = read_metadata(path)
         if meta.get("synthesis_hash") != self.cfg.synthesis_hash():
             raise ArtefactError(f"{path}: a chunk of another recipe (synthesis hash {meta.get('synthesis_hash')}, this "
@@ -258,14 +240,11 @@ class SynthJob:
         images01, targets, timing = self.assemble()
         hello_info = {}
         if cfg.labels.mode == "projector":
-            from synth.hello import hello_step
-
-            images01, hello_info = hello_step(self, images01, targets)
+            images01, hello_info = hello_step(cfg, self.real, self.teachers, self.hello_base, self.root, self.device,
+                                              images01, targets)
         images = quantise(images01, cfg.storage)
         names = tuple(self.real.class_names)
         if relabel:
-            from synth.relabel import relabel_store
-
             store = relabel_store(self.root / "labels", as_imageset(images, targets, names), self.teachers,
                                   cfg.labels.relabel, cfg.seed, cfg.hash(), self.device, self.rank, self.world,
                                   self.progress)

@@ -1,10 +1,11 @@
 """Teachers and the pool that serves soft labels (label sources).
 
-Importing the package registers its strategies (`teachers.active.STRATEGIES`).
+Importing the package registers its entries: label sources (`hard`, `pool`, `store`,
+`label_smoothing` in `teachers.labeling.LABELERS`), pool weightings and selection strategies.
 """
-from teachers import active, weighting  # noqa: F401  (registers selection strategies)
-from teachers.active_source import ActiveQuerySource
+from teachers import labeling, selection, store_labels, weighting  # noqa: F401  (register entries)
 from teachers.pool import EnsemblePool
+from teachers.query_budget import ActiveQuerySource
 from teachers.source import LabelSource, QueryCost, SoftLabels
 from teachers.teacher import Teacher, create_teacher
 

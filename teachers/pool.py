@@ -26,10 +26,7 @@ from torch import nn
 
 from teachers.source import QueryCost, SoftLabels
 from teachers.teacher import Teacher
-from teachers.weighting import (confidence_weights, distill_weighted, fit_target_head, transferability_scores,
-                                uniform_weights)
-
-WEIGHTINGS = ("uniform", "fixed", "distill_weighted", "confidence")
+from teachers.weighting import POOL_WEIGHTINGS, fit_target_head, transferability_scores
 
 
 def _sync(device: torch.device) -> None:
@@ -83,10 +80,9 @@ class EnsemblePool:
         if not teachers:
             raise ValueError("a pool needs at least one teacher")
         weighting = weighting or ("fixed" if weights is not None else "uniform")
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"unknown weighting {weighting!r}; allowed: {', '.join(WEIGHTINGS)}")
-        if (weighting == "fixed") != (weights is not None):
-            raise ValueError(f"weights are given exactly when weighting is 'fixed' (weighting {weighting!r})")
+        if weighting not in POOL_WEIGHTINGS:
+            raise ValueError(f"unknown weighting {weighting!r}; allowed: {', '.join(POOL_WEIGHTINGS.names())}")
+        self.rule = POOL_WEIGHTINGS.get(weighting)()
         if heads not in ("foreign", "all"):
             raise ValueError(f"heads must be 'foreign' or 'all', got {heads!r}")
         if num_classes is None:
@@ -100,8 +96,7 @@ class EnsemblePool:
         self.weight_temperature, self.score, self.score_k = weight_temperature, score, score_k
         self.confidence_targets = confidence_targets
         self.foreign = [t.name for t in teachers if heads == "all" or self._differs(t)]
-        w = torch.tensor(weights, dtype=torch.float32) if weights is not None else uniform_weights(len(teachers))
-        self.weights = w / w.sum()
+        self.weights = self.rule.initial(weights, len(teachers))
         self.heads: dict[str, nn.Linear] = {}
         self.scores: torch.Tensor | None = None
         self.fit_images = 0
@@ -117,7 +112,7 @@ class EnsemblePool:
     @property
     def needs_fit(self) -> bool:
         """True until `fit` has run, where weights or heads come from labelled target data."""
-        return self.scores is None and (self.weighting == "distill_weighted" or bool(self.foreign))
+        return self.scores is None and (self.rule.needs_scores or bool(self.foreign))
 
     def to(self, device: torch.device | str) -> "EnsemblePool":
         for t in self.teachers:
@@ -171,8 +166,9 @@ class EnsemblePool:
             if t.name in self.foreign:
                 self.heads[t.name] = fit_target_head(f, targets, self.num_classes).to(images.device)
         self.scores = transferability_scores(feats, targets, method=self.score, k=self.score_k)
-        if self.weighting == "distill_weighted":
-            self.weights = distill_weighted(self.scores, self.weight_temperature)
+        fitted = self.rule.from_scores(self.scores, self.weight_temperature)
+        if fitted is not None:
+            self.weights = fitted
         self.fit_images = len(images)
         return self
 
@@ -184,11 +180,8 @@ class EnsemblePool:
         per_teacher = {n: torch.softmax(z / self.temperature, 1) for n, z in logits.items()}
         stacked_p = torch.stack(list(per_teacher.values()))  # [J, B, C]
         stacked_z = torch.stack(list(logits.values()))
-        if self.weighting == "confidence":
-            known = targets if (self.confidence_targets and targets is not None) else None
-            w = confidence_weights(stacked_p, known)  # [J, B]
-        else:
-            w = self.weights.to(images.device)[:, None].expand(len(self.teachers), len(images))
+        known = targets if (self.confidence_targets and targets is not None) else None
+        w = self.rule.sample_weights(self.weights, stacked_p, known)  # [J, B]
         self._served += w.sum(dim=1).double().cpu()
         self._served_rows += len(images)
         # ops outside inference mode turn the teachers' inference tensors into normal ones,
@@ -203,7 +196,7 @@ class EnsemblePool:
         scores and heads where fitted."""
         names = [t.name for t in self.teachers]
         out: dict[str, Any] = {"weighting": self.weighting, "heads": sorted(self.heads)}
-        if self.weighting == "confidence":
+        if self.rule.per_sample:
             # measured on what this process served: a run resumed after its last epoch served none
             out["served_rows"] = self._served_rows
             w = (self._served / self._served_rows).tolist() if self._served_rows else [None] * len(names)
@@ -213,6 +206,6 @@ class EnsemblePool:
         if self.scores is not None:
             out["scores"] = dict(zip(names, self.scores.tolist()))
             out["score"] = f"{self.score} (k={self.score_k}) on {self.fit_images} labelled target images"
-        if self.weighting == "distill_weighted":
+        if self.rule.needs_scores:
             out["temperature"] = self.weight_temperature
         return out

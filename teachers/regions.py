@@ -14,7 +14,6 @@ from torch import Tensor
 
 from distill.augment import apply_crops, image_hw, sample_crops  # noqa: F401  (the one crop operator, re-exported)
 
-
 # ---------------------------------------------------------------------------- label compression
 
 

@@ -27,14 +27,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from torch import Tensor
-
 from safetensors.torch import save as safetensors_save
+from torch import Tensor
+from tqdm.auto import tqdm
 
-from distill.artefacts import ArtefactError, append_jsonl, atomic_path, load_tensors, read_jsonl, sha256_file, versions, write_text
+from distill.artefacts import (ArtefactError, append_jsonl, atomic_path, load_tensors, read_jsonl, sha256_file,
+                               versions, write_text)
 from distill.augment import apply_crops, sample_crops
 from teachers.regions import apply_selfmix, compress_topk, decompress, mix_labels, sample_selfmix
-from teachers.source import LabelSource, QueryCost, SoftLabels
+from teachers.source import Batch, LabelSource, QueryCost, SoftLabels
 
 STORE_FORMAT = "distill.labelstore/1"
 SPEC_FILE, MANIFEST_FILE, SHARD_DIR, PART_DIR = "store.json", "manifest.json", "shards", "parts"
@@ -48,7 +49,7 @@ REPAIR = "; delete it and rerun `distill labels` with the store's recipe to rege
 class StoreSpec:
     """Everything that identifies a store and fixes its layout."""
 
-    config_hash: str  # the generating recipe's identity (distill.labels.generation_hash)
+    config_hash: str  # the generating recipe's identity (distill.generate_store.generation_hash)
     label_source: str  # e.g. "ensemble(a, b) + FerKD calibration"
     teachers: tuple[str, ...]
     class_names: tuple[str, ...]
@@ -321,8 +322,6 @@ def generate_store(root: str | Path, spec: StoreSpec, train, source: LabelSource
     """Write this rank's missing shards, then try to merge. Returns the manifest, or None while
     other ranks' shards are missing. `calibrator` (a RegionCalibrator inside `source`) adds per-shard
     band counts to the journal."""
-    from tqdm.auto import tqdm
-
     writer = StoreWriter(root, spec, rank, world)
     todo = writer.pending()
     per_call = max(1, batch_size // spec.crops_per_image)
@@ -447,16 +446,6 @@ class LabelStore:
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-@dataclass
-class ReplayedBatch:
-    """What the trainer's `BatchLabeler` seam returns (students.trainer.Batch has these fields; the
-    teachers package does not import students' internals)."""
-
-    images: Tensor
-    targets: Tensor
-    soft: SoftLabels
-
-
 class StoredLabeler:
     """The trainer's `BatchLabeler` for a store: for a batch of image indices at epoch e, the first
     `crops_per_image` stored crops of each image (multi-crop loading: one loaded image, several
@@ -489,7 +478,7 @@ class StoredLabeler:
         return decompress(values, indices, C, self.decode)
 
     def __call__(self, images: Tensor, targets: Tensor, index: Tensor, epoch: int,
-                 generator: torch.Generator | None = None) -> ReplayedBatch:
+                 generator: torch.Generator | None = None) -> Batch:
         rows, V, dev = self.rows(epoch), self.views, images.device
         idx = index.long().cpu()
         B, S = len(idx), images.shape[-1]
@@ -525,4 +514,4 @@ class StoredLabeler:
             probs = probs.reshape(B * V, 2, -1)[:, 0]
             if mask is not None:
                 mask = mask & take("keep", partner)
-        return ReplayedBatch(views, targets.repeat_interleave(V), SoftLabels(probs=probs, mask=mask))
+        return Batch(views, targets.repeat_interleave(V), SoftLabels(probs=probs, mask=mask))

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distill.registry import Registry
+
 
 def _labels(targets: Tensor, n: int) -> Tensor:
     if targets.dim() != 1 or targets.numel() != n:
@@ -55,7 +57,7 @@ def linear_probe_accuracy(features: Tensor, targets: Tensor, folds: int = 5, see
 
     Folds shrink to the size of the smallest class (at least 2) so every fold can see every class.
     """
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # heavy: loaded only where a probe or digits need it
     from sklearn.model_selection import StratifiedKFold, cross_val_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -138,7 +140,7 @@ def fit_target_head(features: Tensor, targets: Tensor, num_classes: int, weight_
     absent from `targets` gets zero weights and a bias 30 below the lowest fitted one (≈ probability
     0): the labelled set gives no evidence for it.
     """
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # heavy: loaded only where a probe or digits need it
 
     x = features.detach().double().cpu().flatten(1)
     y = _labels(targets, x.shape[0])
@@ -164,3 +166,77 @@ def fit_target_head(features: Tensor, targets: Tensor, num_classes: int, weight_
         head.weight.copy_(w / std)
         head.bias.copy_(b - (w / std) @ mean)
     return head.requires_grad_(False)
+
+
+# ---------------------------------------------------------------- the pool's weighting rules
+
+
+class Weighting:
+    """How an `EnsemblePool` weighs its teachers (`pool.weighting`). The base is `uniform`.
+
+    `initial`: the per-teacher weights `[J]` before any fit; `from_scores`: new weights once the
+    pool has scored its teachers on labelled target data (None: keep them); `per_sample`: weights
+    `[J, B]` for one batch of per-teacher probabilities `[J, B, C]`."""
+
+    needs_scores = False  # weights come from the fit on labelled target data
+    per_sample = False  # weights vary per sample (the report shows their mean over what was served)
+
+    def initial(self, weights: list[float] | None, num_teachers: int) -> Tensor:
+        if weights is not None:
+            raise ValueError(f"weights are given exactly when weighting is 'fixed' (weighting {self.name!r})")
+        return uniform_weights(num_teachers)
+
+    def from_scores(self, scores: Tensor, temperature: float) -> Tensor | None:
+        return None
+
+    def sample_weights(self, weights: Tensor, per_teacher_probs: Tensor, targets: Tensor | None) -> Tensor:
+        return weights.to(per_teacher_probs.device)[:, None].expand(per_teacher_probs.shape[:2])
+
+    @property
+    def name(self) -> str:
+        return type(self).registered_name
+
+
+POOL_WEIGHTINGS: Registry[type[Weighting]] = Registry("pool weighting")
+
+
+def register_weighting(name: str):
+    def add(cls: type[Weighting]) -> type[Weighting]:
+        cls.registered_name = name
+        return POOL_WEIGHTINGS.register(name)(cls)
+
+    return add
+
+
+register_weighting("uniform")(Weighting)  # every teacher counts the same (MEAL V2)
+
+
+@register_weighting("fixed")
+class FixedWeighting(Weighting):
+    """The recipe's `weights`, normalised."""
+
+    def initial(self, weights: list[float] | None, num_teachers: int) -> Tensor:
+        if weights is None:
+            raise ValueError("weights are given exactly when weighting is 'fixed' (weighting 'fixed')")
+        w = torch.tensor(weights, dtype=torch.float32)
+        return w / w.sum()
+
+
+@register_weighting("distill_weighted")
+class DistillWeighted(Weighting):
+    """One weight per teacher: softmax(score / τ) of its task-similarity score (`distill_weighted`)."""
+
+    needs_scores = True
+
+    def from_scores(self, scores: Tensor, temperature: float) -> Tensor | None:
+        return distill_weighted(scores, temperature)
+
+
+@register_weighting("confidence")
+class ConfidenceWeighting(Weighting):
+    """Per sample: a teacher counts in proportion to its confidence (`confidence_weights`)."""
+
+    per_sample = True
+
+    def sample_weights(self, weights: Tensor, per_teacher_probs: Tensor, targets: Tensor | None) -> Tensor:
+        return confidence_weights(per_teacher_probs, targets)

@@ -5,17 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from teachers.active import (
-    STRATEGIES,
-    BudgetExceeded,
-    BudgetLedger,
-    RobustActiveDistillation,
-    create_strategy,
-    entropy,
-    gains,
-    margin,
-    rad_distribution,
-)
+from teachers.selection import (STRATEGIES, BudgetExceeded, BudgetLedger, RobustActiveDistillation, create_strategy,
+                                entropy, gains, margin, rad_distribution)
+
 
 def _close(actual: torch.Tensor, expected, atol: float = 1e-6) -> None:
     """allclose with both values in the message (torch.testing costs ~1 s of imports on first use)."""

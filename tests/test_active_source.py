@@ -2,10 +2,11 @@ import pytest
 import torch
 
 from distill.artefacts import load_state
-from distill.config import ConfigError, parse_config
+from distill.errors import ConfigError
+from distill.recipe import parse_config
 from distill.runner import train
-from teachers.active import BudgetExceeded, RobustActiveDistillation
-from teachers.active_source import ActiveQuerySource
+from teachers.query_budget import ActiveQuerySource
+from teachers.selection import BudgetExceeded, RobustActiveDistillation
 from teachers.source import QueryCost, SoftLabels
 
 

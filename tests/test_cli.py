@@ -3,7 +3,9 @@ from pathlib import Path
 import pytest
 
 from distill.cli import build_parser, main
-from distill.config import ConfigError, load_config, read_yaml
+from distill.config import read_yaml
+from distill.errors import ConfigError
+from distill.recipe import load_config, load_synth_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,7 +61,6 @@ def test_validate_takes_synthesis_recipes_and_overrides_after_options(capsys):
 def test_every_shipped_recipe_is_valid_but_for_missing_local_files():
     """Recipes in configs/ must match their schema (training or synthesis); the only problems
     allowed are local files a user must bring (checkpoints, datasets) or a demo run produces."""
-    from synth.config import load_synth_config
 
     recipes = sorted((ROOT / "configs").rglob("*.yaml"))
     assert recipes

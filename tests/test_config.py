@@ -1,6 +1,7 @@
 import pytest
 
-from distill.config import ConfigError, apply_overrides, load_config, parse_config
+from distill.config import ConfigError, apply_overrides
+from distill.recipe import load_config, parse_config
 from distill.runner import train
 
 

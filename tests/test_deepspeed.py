@@ -28,8 +28,9 @@ import yaml
 
 from distill.artefacts import load_tensors, read_jsonl
 from distill.augment import RandomCrops
-from distill.config import ConfigError, parse_config
 from distill.distributed import GlobalBatchCrops, ShardedSampler
+from distill.errors import ConfigError
+from distill.recipe import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "torch_extensions"

@@ -13,9 +13,10 @@ timm = pytest.importorskip("timm")
 from distill.artefacts import ArtefactError
 from distill.config import ConfigError
 from distill.models import create_model, save_model
+from distill.recipe import parse_synth_config
 from synth.artefact import read_artefact
-from synth.config import RelabelConfig, parse_synth_config
-from synth.evaluate import eval_synth
+from synth.config import RelabelConfig
+from synth.eval_synth import eval_synth
 from synth.hello import projector_labeler
 from synth.run import synthesize
 

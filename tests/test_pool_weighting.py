@@ -2,8 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from distill.config import ConfigError, parse_config
+from distill.errors import ConfigError
 from distill.models import ImageClassifier, create_model, save_model
+from distill.recipe import parse_config
 from distill.runner import train
 from teachers import EnsemblePool, Teacher
 from teachers.pool import target_subset, teacher_features

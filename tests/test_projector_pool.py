@@ -9,10 +9,12 @@ pytest.importorskip("peft")
 timm = pytest.importorskip("timm")
 
 from distill.artefacts import ArtefactError
-from distill.config import ConfigError, ProjectorTeacherConfig, parse_config
+from distill.config import ConfigError, ProjectorTeacherConfig
 from distill.data import load_data
 from distill.models import create_model, load_model, save_model
-from distill.runner import build_pool, train
+from distill.recipe import parse_config
+from distill.runner import train
+from distill.teacher_pool import build_pool
 from synth.hello import projector_teacher
 from synth.projector import ProjectorConfig, apply_lora, build_projector, load_projector, save_projector
 

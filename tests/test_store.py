@@ -12,19 +12,13 @@ import torch
 
 from distill.artefacts import ArtefactError
 from distill.cli import main as cli_main
-from distill.config import ConfigError, parse_config
 from distill.data import ImageSet
+from distill.errors import ConfigError
+from distill.recipe import parse_config
 from teachers.calibrate import RegionCalibrator, softened_hard_label
 from teachers.regions import compress_topk, decompress
 from teachers.source import QueryCost, SoftLabels
-from teachers.store import (
-    LabelStore,
-    StoredLabeler,
-    StoreSpec,
-    StoreWriter,
-    generate_store,
-    splice_partners,
-)
+from teachers.store import LabelStore, StoredLabeler, StoreSpec, StoreWriter, generate_store, splice_partners
 
 C, S = 6, 16
 

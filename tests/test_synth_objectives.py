@@ -5,16 +5,10 @@ import pytest
 import torch
 from torch import nn
 
+from distill.convnet import ConvNet
 from synth.augment import DSA, DSA_OPS, DSAParams
-from synth.convnet import ConvNet
-from synth.objectives import (
-    bn_matching_loss,
-    distribution_matching_loss,
-    flip_concat,
-    gradient_distance,
-    gradient_matching_loss,
-    random_jitter,
-)
+from synth.objectives import (bn_matching_loss, distribution_matching_loss, flip_concat, gradient_distance,
+                              gradient_matching_loss, random_jitter)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -10,9 +10,9 @@ from distill.artefacts import ArtefactError, load_tensors
 from distill.config import ConfigError
 from distill.data import DataError
 from distill.models import create_model, save_model
+from distill.recipe import parse_synth_config
 from synth.artefact import read_artefact
-from synth.config import parse_synth_config
-from synth.evaluate import AugmentLabeler, eval_synth, random_subset, train_student
+from synth.eval_synth import eval_synth, hard_labeler, random_subset, train_student
 from synth.methods import SYNTH_METHODS
 from synth.run import synthesize
 
@@ -180,7 +180,7 @@ def test_eval_uses_fresh_weights_per_seed(recipe, tmp_path):
     train, test = load_data(cfg.data)
     small = random_subset(train, 2, 0)
     protocol = cfg.eval.model_copy(update={"augment": "none"})
-    labeler = AugmentLabeler(protocol)
+    labeler = hard_labeler(protocol, small)
 
     def weights(seed, where):
         train_student("convnet3", seed, small, test, labeler, 1, protocol, cfg.data, tmp_path / where / "seed", "cpu")
@@ -229,7 +229,7 @@ def test_shipped_recipes_validate(tmp_path):
 
     import yaml
 
-    from synth.config import load_synth_config
+    from distill.recipe import load_synth_config
 
     repo = Path(__file__).resolve().parent.parent
     stand_in = tmp_path / "teacher.safetensors"

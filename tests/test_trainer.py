@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from distill.artefacts import load_tensors, read_jsonl
-from distill.config import parse_config
+from distill.recipe import parse_config
 from distill.runner import train
 from students.trainer import Trainer
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from distill.models import MODELS
-
 
 def _feature_size(size: int, depth: int, first_pad: int) -> int:
     """Spatial size after `depth` blocks: a 3x3 conv with padding p maps s to s + 2p - 2, pooling halves."""
@@ -64,8 +62,3 @@ class ConvNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.embed(x))
 
-
-@MODELS.register("convnet3")
-def convnet3(num_classes: int, in_chans: int, image_size: int, drop_rate: float = 0.0) -> ConvNet:
-    """The field's evaluation student: ConvNet-3, width 128, instance norm (`model: convnet3`)."""
-    return ConvNet(in_chans, num_classes, image_size)

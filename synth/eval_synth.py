@@ -20,59 +20,48 @@ import hashlib
 import json
 import math
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from pydantic import ValidationError
+from tqdm.auto import tqdm
 
 from distill.artefacts import write_text
-from distill.config import (ConfigError, DataConfig, LossConfig, ModelConfig, RunConfig, TrainerConfig,
-                            apply_overrides)
-from distill.data import DataError, ImageSet, load_data, subset
+from distill.augment import RandomCrops
+from distill.config import DataConfig, LossConfig, ModelConfig, RunConfig, TrainerConfig, apply_overrides
+from distill.data import ImageSet, data_config_for, load_data, subset
+from distill.distributed import resolve_device
+from distill.errors import ConfigError, DataError
+from distill.report import markdown_table, text_table
+from students.build import create_backend, create_step
+from students.trainer import Trainer
 from synth.artefact import Artefact, read_artefact
+from synth.augment import DSA
 from synth.config import EvalConfig, RelabelConfig
+from synth.hello import projector_labeler
 from synth.init import class_indices, gather, keyed_generator
-from teachers.source import QueryCost
+from synth.relabel import relabel_store, store_labeler
+from teachers.labeling import LabelContext, create_labeling
+from teachers.source import BatchLabeler, Views
+from teachers.teacher import Teacher, create_teacher
 
 
-class AugmentLabeler:
+def protocol_views(protocol: EvalConfig) -> Views:
     """Hard-label views: DSA per image (the DSA/DM evaluation), the spine's random crops, or none."""
-
-    def __init__(self, protocol: EvalConfig):
-        from distill.augment import RandomCrops
-        from synth.augment import DSA
-
-        kind = protocol.augment
-        self.kind, self.cost = kind, QueryCost()
-        self.dsa = DSA(ops=protocol.dsa_ops) if kind == "dsa" else None
-        self.crops = RandomCrops(protocol.crop_scale, (3 / 4, 4 / 3), protocol.crop_flip) if kind == "crop" else None
-
-    def __call__(self, images, targets, index, epoch, generator):
-        from students.trainer import Batch
-
-        if self.dsa is not None:
-            images = self.dsa(images, generator)
-        elif self.crops is not None:
-            images = self.crops(images, generator)
-        return Batch(images, targets, None)
+    if protocol.augment == "dsa":
+        return DSA(ops=protocol.dsa_ops)
+    if protocol.augment == "crop":
+        return RandomCrops(protocol.crop_scale, (3 / 4, 4 / 3), protocol.crop_flip)
+    return lambda images, generator: images
 
 
-def _trainer_class():
-    from students.trainer import Trainer
-
-    class ProtocolTrainer(Trainer):
-        """Evaluates on the test set at the final epoch only (every epoch when best-epoch is
-        asked): the protocol reports final-epoch accuracy, and evaluation dominates tiny runs."""
-
-        every_epoch = False
-
-        def evaluate(self) -> dict[str, float]:
-            if self.every_epoch or len(self.history) + 1 == self.cfg.trainer.epochs:
-                return super().evaluate()
-            return {"top1": math.nan, "top5": math.nan, "loss": math.nan}
-
-    return ProtocolTrainer
+def hard_labeler(protocol: EvalConfig, data: ImageSet) -> BatchLabeler:
+    """The `hard` label source on the protocol's views."""
+    return create_labeling("hard").build(LabelContext(data, torch.device("cpu"), protocol_views(protocol)))
 
 
 @dataclass
@@ -137,8 +126,6 @@ class EvalReport:
         return h + (["best-epoch top-1 (mean, labelled)"] if self.protocol.best_epoch else [])
 
     def text(self) -> str:
-        from distill.report import text_table
-
         return text_table(self.header(), self.rows())
 
     def to_json(self) -> dict[str, Any]:
@@ -150,10 +137,6 @@ class EvalReport:
 def eval_data(art: Artefact, data_spec: str | None, image_size: int | None) -> tuple[DataConfig, ImageSet, ImageSet]:
     """The real data to evaluate on: the artefact's recipe data, or `data_spec`; refused when its
     classes, image size or channels differ from the artefact's."""
-    import yaml
-
-    from distill.evaluation import data_config_for
-
     m = art.manifest
     size = image_size or m["image_size"]
     if data_spec is None:
@@ -194,28 +177,18 @@ def _protocol_hash(protocol: EvalConfig, *parts: Any) -> str:
     return hashlib.sha256(json.dumps([d, *map(str, parts)], sort_keys=True).encode()).hexdigest()[:12]
 
 
-def train_student(student: str, seed: int, train: ImageSet, test: ImageSet, labeler, epochs: int,
+def train_student(student: str, seed: int, train: ImageSet, test: ImageSet, labeler: BatchLabeler, epochs: int,
                   protocol: EvalConfig, dcfg: DataConfig, run_dir: Path, device: str) -> tuple[float, tuple[float, int], float]:
-    """One fresh student; returns (final top-1, (best top-1, its epoch), seconds)."""
-    import time
-
-    from distill.models import create_model
-    from distill.runner import resolve_device
-    from students.backends import BACKENDS
-    from students.step import DistillStep
-
+    """One fresh student (the run builder's, weights a function of `seed`); returns (final top-1,
+    (best top-1, its epoch), seconds). Tested at the last epoch only, unless best-epoch is asked."""
     cfg = RunConfig(name=run_dir.name, seed=seed, device=device, out_dir=run_dir.parent, data=dcfg,
                     student=ModelConfig(model=student), loss=LossConfig(), optim=protocol.optim,
                     trainer=TrainerConfig(epochs=epochs, batch_size=protocol.batch_size,
                                           eval_batch_size=protocol.eval_batch_size,
                                           checkpoint_every=max(1, epochs // 4)))
-    dev = resolve_device(device)
-    torch.manual_seed(seed)  # fresh initial weights, a function of the seed alone
-    model = create_model(student, train.num_classes, train.channels, train.image_size, train.class_names)
-    step = DistillStep(model, cfg.loss)
-    backend = BACKENDS.get("plain")(step, step.param_groups(cfg.optim.lr), cfg.optim, "fp32", dev)
-    trainer = _trainer_class()(cfg, step, backend, train, test, labeler, run_dir)
-    trainer.every_epoch = protocol.best_epoch
+    step = create_step(cfg, train)
+    trainer = Trainer(cfg, step, create_backend(cfg, step, resolve_device(device)), train, test, labeler, run_dir,
+                      eval_each_epoch=protocol.best_epoch)
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(run_dir / "train.log", "a") as log, contextlib.redirect_stdout(log):
@@ -225,16 +198,12 @@ def train_student(student: str, seed: int, train: ImageSet, test: ImageSet, labe
     return history[-1]["test_top1"], best, time.perf_counter() - start
 
 
-def _teachers_for_relabel(art: Artefact, train: ImageSet, device: torch.device) -> list:
-    import yaml
-
-    from teachers.teacher import create_teacher
-
+def _teachers_for_relabel(art: Artefact, train: ImageSet, device: torch.device) -> list[Teacher]:
     teachers = []
     for i, raw in enumerate(yaml.safe_load(art.recipe_yaml).get("teachers") or []):
         try:
             t = ModelConfig.model_validate(raw)
-        except Exception as err:  # noqa: BLE001
+        except ValidationError as err:
             raise ConfigError(f"the random subset is relabelled with the artefact's teachers, but teachers.{i} of "
                               f"{art.root / 'recipe.yaml'} cannot be built: {err}") from None
         teachers.append(create_teacher(t, train.num_classes, train.channels, train.image_size,
@@ -242,19 +211,9 @@ def _teachers_for_relabel(art: Artefact, train: ImageSet, device: torch.device) 
     return teachers
 
 
-def eval_synth(artefact: str | Path, students: list[str] | None = None, seeds: int | None = None,
-               data_spec: str | None = None, image_size: int | None = None, best_epoch: bool | None = None,
-               overrides: list[str] = (), device: str = "auto", cache_dir: str | Path | None = None,
-               progress: bool = True) -> EvalReport:
-    """Train the protocol's students on the distilled set, the random subset and the full data."""
-    import yaml
-    from tqdm.auto import tqdm
-
-    from distill.runner import resolve_device
-    from synth.relabel import relabel_store, store_labeler
-
-    art = read_artefact(artefact)  # verifies every file before any compute
-    raw_recipe = yaml.safe_load(art.recipe_yaml)
+def read_protocol(raw_recipe: dict[str, Any], overrides: list[str], students: list[str] | None, seeds: int | None,
+                  best_epoch: bool | None) -> EvalConfig:
+    """The artefact recipe's `eval` section with the command line's changes, validated."""
     raw_eval = apply_overrides(raw_recipe.get("eval") or {}, list(overrides))
     if students:
         raw_eval["students"] = list(students)
@@ -263,83 +222,124 @@ def eval_synth(artefact: str | Path, students: list[str] | None = None, seeds: i
     if best_epoch is not None:
         raw_eval["best_epoch"] = best_epoch
     try:
-        protocol = EvalConfig.model_validate(raw_eval)
-    except Exception as err:  # noqa: BLE001
+        return EvalConfig.model_validate(raw_eval)
+    except ValidationError as err:
         raise ConfigError(f"eval-synth protocol: {err}") from None
+
+
+@dataclass
+class Cell:
+    """One planned student run: its training set, labels, epochs and where it lives."""
+
+    data: ImageSet
+    labeler: BatchLabeler
+    label_bytes: int
+    image_bytes: int
+    epochs: int
+    label_mode: str
+    run_dir: Path
+
+
+class EvalPlan:
+    """Which runs the protocol asks for, and for each its data and labeler. The distilled set and
+    the random subset get the same kind of labels (the artefact's label mode); full data is hard."""
+
+    def __init__(self, art: Artefact, protocol: EvalConfig, train: ImageSet, device: torch.device, root: Path):
+        raw_recipe = yaml.safe_load(art.recipe_yaml)
+        self.art, self.protocol, self.train, self.device, self.root = art, protocol, train, device, root
+        self.mode = art.label_mode
+        self.rc = (RelabelConfig.model_validate(raw_recipe["labels"]["relabel"])
+                   if self.mode in ("relabel", "projector") else None)
+        if self.mode == "projector":  # HeLlO: one projector labels the distilled set and the random subset alike
+            self.projector = projector_labeler(art, self.rc, device)
+            self.tag = "-" + art.manifest["files"]["labels/projector.safetensors"]["sha256"][:12]
+        elif self.mode == "relabel":  # random-subset labels depend on the teachers and relabel settings
+            self.tag = "-" + hashlib.sha256(json.dumps([art.manifest["teachers"], raw_recipe["labels"]["relabel"]],
+                                                       sort_keys=True).encode()).hexdigest()[:12]
+        else:
+            self.tag = ""
+        self.teachers = (_teachers_for_relabel(art, train, device) if self.mode == "relabel" and protocol.random_subset
+                         else [])
+
+    def runs(self) -> list[tuple[str, str, int]]:
+        """(set, student, seed) in the order they train."""
+        p, plan = self.protocol, []
+        for s in p.students:
+            plan += [("distilled", s, k) for k in range(p.seeds)]
+            plan += [("random", s, k) for k in range(p.seeds)] if p.random_subset else []
+            plan += [("full", s, k) for k in range(p.seeds)] if p.full_data else []
+        return plan
+
+    def cell(self, set_name: str, student: str, seed: int) -> Cell:
+        return getattr(self, set_name)(student, seed, _protocol_hash(self.protocol, student))
+
+    def distilled(self, student: str, seed: int, ident: str) -> Cell:
+        data, m = self.art.images, self.art.manifest
+        run_dir = self.art.root / "eval" / f"distilled-{student}-{ident}" / f"seed{seed}"
+        if self.mode == "relabel":
+            labeler, lbytes = store_labeler(self.art.labels_root, data, self.rc.decode)
+        elif self.mode == "projector":
+            labeler, lbytes = self.projector
+        else:
+            labeler, lbytes = hard_labeler(self.protocol, data), _hard_bytes(len(data))
+        return Cell(data, labeler, lbytes, m["bytes"]["images"], self.protocol.epochs, self.mode, run_dir)
+
+    def random(self, student: str, seed: int, ident: str) -> Cell:
+        data = random_subset(self.train, self.art.ipc, seed)
+        base = self.root / f"random-ipc{self.art.ipc}-{self.train.fingerprint()}-{self.mode}"
+        run_dir = base / f"{student}-{ident}{self.tag}" / f"seed{seed}"
+        if self.mode == "projector":
+            labeler, lbytes = self.projector
+        elif self.mode == "relabel":
+            store_root = base / f"labels{self.tag}-seed{seed}"
+            relabel_store(store_root, data, self.teachers, self.rc, seed, f"random{self.tag}-{seed}", self.device,
+                          progress=False)
+            labeler, lbytes = store_labeler(store_root, data, self.rc.decode)
+        else:
+            labeler, lbytes = hard_labeler(self.protocol, data), _hard_bytes(len(data))
+        ibytes = int(data.images.numel() * data.images.element_size())
+        return Cell(data, labeler, lbytes, ibytes, self.protocol.epochs, self.mode, run_dir)
+
+    def full(self, student: str, seed: int, ident: str) -> Cell:
+        """Full data, hard labels; bytes as uint8 pixels (lazy folders are not in memory)."""
+        p, data = self.protocol, self.train
+        ident_full = _protocol_hash(p, student, "full", p.full_epochs)
+        run_dir = self.root / f"full-{data.fingerprint()}" / f"{student}-{ident_full}" / f"seed{seed}"
+        return Cell(data, hard_labeler(p, data), _hard_bytes(len(data)),
+                    len(data) * data.channels * data.image_size ** 2, p.full_epochs, "hard", run_dir)
+
+
+def _hard_bytes(n: int) -> int:
+    return 8 * n  # int64 targets, as stored
+
+
+def eval_synth(artefact: str | Path, students: list[str] | None = None, seeds: int | None = None,
+               data_spec: str | None = None, image_size: int | None = None, best_epoch: bool | None = None,
+               overrides: list[str] = (), device: str = "auto", cache_dir: str | Path | None = None,
+               progress: bool = True) -> EvalReport:
+    """Train the protocol's students on the distilled set, the random subset and the full data."""
+    art = read_artefact(artefact)  # verifies every file before any compute
+    protocol = read_protocol(yaml.safe_load(art.recipe_yaml), list(overrides), students, seeds, best_epoch)
     dcfg, train, test = eval_data(art, data_spec, image_size)
-    dev = resolve_device(device)
-    root = Path(cache_dir) if cache_dir else art.root / "eval"
-    mode = art.label_mode
-    rc = RelabelConfig.model_validate(raw_recipe["labels"]["relabel"]) if mode in ("relabel", "projector") else None
-    if mode == "projector":  # HeLlO: one projector labels the distilled set and the random subset alike
-        from synth.hello import projector_labeler
-
-        proj_labeler, proj_bytes = projector_labeler(art, rc, dev)
-        proj_id = art.manifest["files"]["labels/projector.safetensors"]["sha256"][:12]
-
-    plan: list[tuple[str, str, int]] = []  # (set, student, seed)
-    for s in protocol.students:
-        plan += [("distilled", s, k) for k in range(protocol.seeds)]
-        if protocol.random_subset:
-            plan += [("random", s, k) for k in range(protocol.seeds)]
-        if protocol.full_data:
-            plan += [("full", s, k) for k in range(protocol.seeds)]
-
-    teachers = _teachers_for_relabel(art, train, dev) if mode == "relabel" and protocol.random_subset else []
-    hard_bytes = lambda n: 8 * n  # noqa: E731  int64 targets, as stored
+    plan = EvalPlan(art, protocol, train, resolve_device(device), Path(cache_dir) if cache_dir else art.root / "eval")
     cells: dict[tuple[str, str], SetResult] = {}
-    # random-subset soft labels depend on the teachers and relabel settings, not on the artefact
-    rel_id = hashlib.sha256(json.dumps([art.manifest["teachers"], raw_recipe["labels"]["relabel"]],
-                                       sort_keys=True).encode()).hexdigest()[:12]
-    bar = tqdm(plan, desc=f"eval-synth {art.root.name}", unit="student", disable=None if progress else True)
+    bar = tqdm(plan.runs(), desc=f"eval-synth {art.root.name}", unit="student", disable=None if progress else True)
     for set_name, student, seed in bar:
         bar.set_postfix_str(f"{set_name} {student} seed {seed}")
-        ident = _protocol_hash(protocol, student)
-        if set_name == "distilled":
-            data = art.images
-            run_dir = art.root / "eval" / f"distilled-{student}-{ident}" / f"seed{seed}"
-            if mode == "relabel":
-                labeler, lbytes = store_labeler(art.labels_root, data, rc.decode)
-            elif mode == "projector":
-                labeler, lbytes = proj_labeler, proj_bytes
-            else:
-                labeler, lbytes = AugmentLabeler(protocol), hard_bytes(len(data))
-            epochs, ibytes, lmode = protocol.epochs, art.manifest["bytes"]["images"], mode
-        elif set_name == "random":
-            data = random_subset(train, art.ipc, seed)
-            base = root / f"random-ipc{art.ipc}-{train.fingerprint()}-{mode}"
-            tag = f"-{rel_id}" if mode == "relabel" else f"-{proj_id}" if mode == "projector" else ""
-            run_dir = base / f"{student}-{ident}{tag}" / f"seed{seed}"
-            if mode == "projector":
-                labeler, lbytes = proj_labeler, proj_bytes
-            elif mode == "relabel":
-                store_root = base / f"labels-{rel_id}-seed{seed}"
-                relabel_store(store_root, data, teachers, rc, seed, f"random-{rel_id}-{seed}", dev, progress=False)
-                labeler, lbytes = store_labeler(store_root, data, rc.decode)
-            else:
-                labeler, lbytes = AugmentLabeler(protocol), hard_bytes(len(data))
-            epochs, lmode = protocol.epochs, mode
-            ibytes = int(data.images.numel() * data.images.element_size())
-        else:  # full data: bytes as uint8 pixels (lazy folders are not in memory)
-            data = train
-            ident_full = _protocol_hash(protocol, student, "full", protocol.full_epochs)
-            run_dir = root / f"full-{train.fingerprint()}" / f"{student}-{ident_full}" / f"seed{seed}"
-            labeler, lbytes = AugmentLabeler(protocol), hard_bytes(len(data))
-            epochs, lmode = protocol.full_epochs, "hard"
-            ibytes = len(data) * data.channels * data.image_size ** 2
-        cell = cells.setdefault((student, set_name), SetResult(set_name, student, lmode, len(data), ibytes, lbytes))
-        final, best, secs = train_student(student, seed, data, test, labeler, epochs, protocol, dcfg, run_dir, device)
-        cell.final.append(final)
-        cell.best.append(best)
-        cell.seconds.append(secs)
+        c = plan.cell(set_name, student, seed)
+        result = cells.setdefault((student, set_name), SetResult(set_name, student, c.label_mode, len(c.data),
+                                                                 c.image_bytes, c.label_bytes))
+        final, best, secs = train_student(student, seed, c.data, test, c.labeler, c.epochs, protocol, dcfg,
+                                          c.run_dir, device)
+        result.final.append(final)
+        result.best.append(best)
+        result.seconds.append(secs)
     report = EvalReport(art.root, protocol, art.ipc, list(cells.values()))
     write_eval_report(art, report)
     return report
 
 
 def write_eval_report(art: Artefact, report: EvalReport) -> None:
-    from distill.report import markdown_table
-
     m = art.manifest
     out = art.root / "eval"
     write_text(out / "results.json", json.dumps(report.to_json(), indent=1))

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from teachers.active import BudgetLedger
+from teachers.selection import BudgetLedger
 from teachers.source import LabelSource, QueryCost, SoftLabels
 
 

@@ -3,27 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distill.artefacts import ArtefactError
-from distill.config import DataConfig
-from distill.data import DataError, load_data
+from distill.data import data_config_for, load_data
+from distill.distributed import resolve_device
+from distill.errors import ArtefactError, DataError
 from distill.models import load_model, read_checkpoint_header
-
-
-def data_config_for(spec: str, image_size: int, channels: int) -> DataConfig:
-    """'digits' | a .npz file | an ImageFolder root → a data config at the model's input size."""
-    if spec == "digits":
-        return DataConfig(source="digits", image_size=image_size, channels=channels)
-    path = Path(spec)
-    if not path.exists():
-        raise DataError(f"--data {spec!r}: not 'digits' and no such file or folder")
-    source = "npz" if path.suffix == ".npz" else "imagefolder"
-    return DataConfig(source=source, path=path, image_size=image_size, channels=channels)
+from students.accuracy import evaluate
 
 
 def evaluate_artefact(target: Path, data: str, split: str = "test", device: str = "auto") -> dict:
-    from distill.runner import resolve_device
-    from students.evaluate import evaluate
-
     ckpt = target / "student.safetensors" if target.is_dir() else target
     if not ckpt.is_file():
         raise ArtefactError(f"{target}: no model checkpoint (expected a .safetensors file or a run directory)")
