@@ -3,7 +3,7 @@
 Importing the package registers its entries: label sources (`hard`, `pool`, `store`,
 `label_smoothing` in `teachers.labeling.LABELERS`), pool weightings and selection strategies.
 """
-from teachers import labeling, selection, store_labels, weighting  # noqa: F401  (register entries)
+from teachers import labeling, selection, smoothing, store_labels, weighting  # noqa: F401  (register entries)
 from teachers.pool import EnsemblePool
 from teachers.query_budget import ActiveQuerySource
 from teachers.source import LabelSource, QueryCost, SoftLabels
