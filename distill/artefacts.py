@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from importlib import metadata
 import os
 import tempfile
 from contextlib import contextmanager
@@ -16,7 +17,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from distill import __version__
 from distill.errors import ArtefactError
 
 # file names shared by writers and readers in different layers
@@ -64,7 +64,11 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def versions() -> dict[str, str]:
-    return {"distill": __version__, "torch": torch.__version__}
+    try:
+        ours = metadata.version("distill")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        ours = "unknown"
+    return {"distill": ours, "torch": torch.__version__}
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:

@@ -28,7 +28,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from distill.eval_model import evaluate_artefact
 
-    metrics = evaluate_artefact(Path(args.target), args.data, args.split, args.device)
+    metrics = evaluate_artefact(Path(args.target), args.data, args.split, args.device, args.workers, args.batch_size)
     print("  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
 
 
@@ -88,6 +88,9 @@ def _rank_world(parser: argparse.ArgumentParser, work: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distill", description="Knowledge distillation and dataset distillation.")
+    # DeepSpeed's launcher puts --local_rank=N before the command (`deepspeed -m distill.cli train ...`);
+    # each rank reads LOCAL_RANK from the environment, which the launcher sets too
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("demo", help="teachers → hard / single-teacher / MEAL V2 students on digits, with a report")
@@ -106,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="'digits', a .npz file, or an ImageFolder root")
     e.add_argument("--split", default="test", choices=["train", "test"])
     e.add_argument("--device", default="auto")
+    e.add_argument("--workers", type=int, default=0, help="DataLoader worker processes decoding images (default 0)")
+    e.add_argument("--batch-size", type=int, default=256)
     e.set_defaults(fn=cmd_eval)
 
     v = sub.add_parser("validate", help="check a recipe (and overrides) without running it")

@@ -19,7 +19,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Di
                       ValidationError, field_validator, model_serializer, model_validator)
 
 from distill.artefacts import LABELS_DIR, PROJECTOR_FILE
-from distill.deepspeed_config import check_deepspeed_config, read_deepspeed_config
+from distill.deepspeed_config import adopt_sections, check_deepspeed_config, read_deepspeed_config
 from distill.errors import ConfigError
 from distill.models import is_known_model, suggest_models
 
@@ -245,6 +245,9 @@ class OptimConfig(Strict):
     milestones: list[int] = []  # epochs at which `step` multiplies lr by gamma
     gamma: float = Field(0.1, gt=0, le=1)
     warmup_epochs: int = Field(0, ge=0)
+    # per optimiser step, from lr 0 (DeepSpeed's WarmupLR: linear k/N, or log(k+1)/log(N))
+    warmup_steps: int = Field(0, ge=0)
+    warmup_type: Literal["linear", "log"] = "linear"
 
 
 class TrainerConfig(Strict):
@@ -260,6 +263,9 @@ class TrainerConfig(Strict):
     grad_accum: int = Field(1, ge=1)  # micro-steps per optimiser step
     eval_batch_size: int = Field(256, ge=1)
     num_workers: int = Field(0, ge=0)
+    grad_clip: float = Field(0.0, ge=0)  # max global gradient norm per optimiser step; 0: no clipping
+    # recipe keys taken from a stock DeepSpeed config's sections → the DeepSpeed key (distill.deepspeed_config)
+    from_deepspeed: dict[str, str] = {}
     checkpoint_every: int = Field(1, ge=1)  # epochs
 
     @field_validator("deepspeed")
@@ -312,7 +318,15 @@ class LabelsConfig(Strict):
     def _flat(self, handler: Any) -> dict[str, Any]:
         """Written back flat, as a recipe writes it: `{source: NAME, option: value, ...}`."""
         d = handler(self)
-        return {"source": d["source"], **(d["options"] or {})}
+        return {"source": d["source"], **(d.get("options") or {})}
+
+
+class LogConfig(Strict):
+    """How a run reports while it goes (not what it trains: left out of the config hash)."""
+
+    every_seconds: float = Field(30.0, gt=0)  # a plain progress line this often when not on a terminal
+    every_steps: int = Field(10, ge=1)  # a metrics_steps.jsonl row (and TensorBoard scalars) this often
+    tensorboard: bool = False  # event files in <run dir>/tensorboard (pip install 'distill[tensorboard]')
 
 
 class RunConfig(Strict):
@@ -330,6 +344,19 @@ class RunConfig(Strict):
     optim: OptimConfig = OptimConfig()
     trainer: TrainerConfig = TrainerConfig()
     labels: LabelsConfig | None = None  # None: the pool's labels online, or hard labels without a pool
+    log: LogConfig = LogConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _adopt_deepspeed(cls, raw: Any) -> Any:
+        """A stock DeepSpeed config's optimizer/scheduler/precision/clipping sections fill the recipe
+        where it is silent (distill.deepspeed_config.adopt_sections)."""
+        if not isinstance(raw, dict):
+            return raw
+        try:
+            return adopt_sections(raw)
+        except ValueError as err:
+            raise ValueError(f"trainer.deepspeed: {err}") from None
 
     @model_validator(mode="after")
     def _loss_needs_pool(self) -> "RunConfig":
@@ -358,9 +385,10 @@ class RunConfig(Strict):
         return self.model_dump(mode="json")
 
     def hash(self) -> str:
-        """Identity of what is trained (not where it is written): checkpoints carry it."""
-        d = self.to_dict()
-        d.pop("out_dir")
+        """Identity of what is trained (not where it is written, nor how it reports): checkpoints
+        carry it. Keys left at their defaults are left out, so a field added later at its default
+        keeps every older recipe's hash."""
+        d = self.model_dump(mode="json", exclude_defaults=True, exclude={"out_dir", "log"})
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

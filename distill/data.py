@@ -142,8 +142,9 @@ def load_digits_sets(image_size: int) -> tuple[ImageSet, ImageSet]:
     )
 
 
-def load_npz_sets(path: Path, image_size: int) -> tuple[ImageSet, ImageSet]:
-    """`x_train, y_train, x_test, y_test` (+ optional `class_names`). Opened with allow_pickle=False."""
+def load_npz_sets(path: Path, image_size: int, splits: tuple[str, ...] = ("train", "test")) -> list[ImageSet]:
+    """`x_train, y_train, x_test, y_test` (+ optional `class_names`), opened with allow_pickle=False.
+    Only the images of `splits` are read (both label arrays are, to fix the class list)."""
     try:
         z = np.load(path, allow_pickle=False)
     except Exception as err:  # noqa: BLE001
@@ -151,18 +152,19 @@ def load_npz_sets(path: Path, image_size: int) -> tuple[ImageSet, ImageSet]:
     missing = {"x_train", "y_train", "x_test", "y_test"} - set(z.files)
     if missing:
         raise DataError(f"{path}: missing arrays {sorted(missing)} (has {sorted(z.files)})")
-    ys = [np.asarray(z[k]).astype(np.int64) for k in ("y_train", "y_test")]
-    n = int(max(y.max() for y in ys)) + 1
+    ys = {k: np.asarray(z[f"y_{k}"]).astype(np.int64) for k in ("train", "test")}
+    n = int(max(y.max() for y in ys.values())) + 1
+    low = min(y.min() for y in ys.values())
     names = tuple(str(c) for c in z["class_names"]) if "class_names" in z.files else tuple(str(i) for i in range(n))
-    if len(names) < n or min(y.min() for y in ys) < 0:
-        raise DataError(f"{path}: labels span [{min(y.min() for y in ys)}, {n - 1}] but there are {len(names)} class names")
+    if len(names) < n or low < 0:
+        raise DataError(f"{path}: labels span [{low}, {n - 1}] but there are {len(names)} class names")
     sets = []
-    for split, y in zip(("train", "test"), ys):
-        x = _as_nchw_uint8(np.asarray(z[f"x_{split}"]), f"x_{split}", str(path))
+    for split in splits:
+        x, y = _as_nchw_uint8(np.asarray(z[f"x_{split}"]), f"x_{split}", str(path)), ys[split]
         if len(x) != len(y):
             raise DataError(f"{path}: x_{split} has {len(x)} images but y_{split} has {len(y)} labels")
         sets.append(ImageSet(resize_uint8(x, image_size), torch.from_numpy(y), names))
-    return sets[0], sets[1]
+    return sets
 
 
 def load_imagefolder_sets(root: Path, image_size: int, channels: int) -> tuple[ImageFolderSet, ImageFolderSet]:
@@ -200,8 +202,17 @@ def load_data(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
 
 
 def load_split(cfg: DataConfig, split: str) -> ImageSet:
-    train, test = load_data(cfg)
-    return {"train": train, "test": test}[split]
+    """One split, without decoding the other's images (`distill eval` scores one)."""
+    if split not in ("train", "test"):
+        raise DataError(f"split {split!r}; allowed: train, test")
+    if cfg.source != "npz":  # ImageFolder sets are lazy (a listing reads no image); digits are built in
+        return load_data(cfg)[0 if split == "train" else 1]
+    data = load_npz_sets(cfg.path, cfg.image_size, (split,))[0]
+    if cfg.channels and cfg.channels != data.channels:
+        data = _convert_channels(data, cfg.channels)
+    if split == "train" and cfg.train_limit:
+        data = subset(data, torch.arange(min(cfg.train_limit, len(data))))
+    return data
 
 
 def _convert_channels(s: ImageSet, channels: int) -> ImageSet:

@@ -18,6 +18,7 @@ from distill.config import RunConfig
 from distill.data import ImageSet, load_data
 from distill.distributed import rank_world, resolve_device
 from distill.errors import ConfigError
+from distill.progress import set_interval
 from distill.teacher_pool import build_pool, check_checkpoints
 from teachers.calibrate import RegionCalibrator
 from teachers.labeling import labeling_for
@@ -91,6 +92,7 @@ def generate_labels(cfg: RunConfig, rank: int | None = None, world: int | None =
     if cfg.pool is None:
         raise ConfigError("distill labels needs a label source: set pool.teachers (one teacher or several)")
     rank, world = rank_world(rank, world)
+    set_interval(cfg.log.every_seconds)
     device = resolve_device(cfg.device)
     train, _ = data or load_data(cfg.data)
     check_checkpoints(cfg, train.num_classes)

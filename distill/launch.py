@@ -41,7 +41,7 @@ def check_recipe(cfg: RunConfig, world: int) -> None:
     micro_batch(cfg.trainer.batch_size, world, cfg.trainer.grad_accum)
     if cfg.trainer.backend == "deepspeed":
         engine_config(cfg.trainer.deepspeed or {}, batch_size=cfg.trainer.batch_size, grad_accum=cfg.trainer.grad_accum,
-                      world=world, precision=cfg.precision)
+                      world=world, precision=cfg.precision, grad_clip=cfg.trainer.grad_clip)
 
 
 def plan_launch(recipe: str, overrides: list[str], nproc: int, launcher: str = "torchrun", nnodes: int = 1,
@@ -74,7 +74,7 @@ def plan_launch(recipe: str, overrides: list[str], nproc: int, launcher: str = "
         argv += ["-m", "distill.cli", *train]
     else:
         argv = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}",
-                f"--master_port={master_port or free_port()}", "--no_local_rank", "--module", "distill.cli", *train]
+                f"--master_port={master_port or free_port()}", "--module", "distill.cli", *train]
     return LaunchPlan(argv, env)
 
 

@@ -16,6 +16,7 @@ from distill.augment import RandomCrops
 from distill.config import RunConfig, dump_config
 from distill.data import ImageSet, load_data
 from distill.distributed import GlobalBatchCrops, check_precision, rank_device, resolve_device
+from distill.progress import set_interval
 from distill.recipe import as_run_config
 from distill.report import write_run_report
 from distill.teacher_pool import build_pool, check_checkpoints
@@ -45,6 +46,7 @@ def final_record(history: list[dict[str, Any]], labeler, backend) -> dict[str, A
 def train(cfg: RunConfig | str | Path | dict, data: tuple[ImageSet, ImageSet] | None = None) -> RunResult:
     """Train the recipe's student (a path, a mapping or a parsed `RunConfig`)."""
     cfg = as_run_config(cfg)
+    set_interval(cfg.log.every_seconds)
     labeling = labeling_for(cfg)
     result = labeling.run_job(cfg, data)
     if result is not None:

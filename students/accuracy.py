@@ -12,7 +12,9 @@ def evaluate(model: torch.nn.Module, data: Dataset, batch_size: int = 256, devic
     model.eval()
     correct1 = correct5 = n = 0
     loss = 0.0
-    for images, targets, _ in DataLoader(data, batch_size=batch_size, num_workers=num_workers):
+    loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers,
+                        pin_memory=torch.device(device).type == "cuda")
+    for images, targets, _ in loader:
         images, targets = images.to(device).float() / 255, targets.to(device)
         logits = model(images).float()
         loss += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()

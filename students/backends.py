@@ -42,6 +42,19 @@ def lr_factor(cfg: OptimConfig, epoch: int, epochs: int) -> float:
     return 1.0
 
 
+def warmup_factor(cfg: OptimConfig, step: int) -> float:
+    """The lr multiplier of optimiser step `step` (0-based) under `warmup_steps` = N, as DeepSpeed's
+    WarmupLR with warmup_min_lr 0 runs it: step 0 at 0, step k at γ(k − 1) with γ(i) = log(i + 1) /
+    log(N) (`log`) or i / N (`linear`) while i < N, then 1."""
+    n = cfg.warmup_steps
+    if n == 0 or step > n:
+        return 1.0
+    if step == 0:
+        return 0.0
+    i = step - 1
+    return math.log(i + 1) / math.log(n) if cfg.warmup_type == "log" and n > 1 else i / n
+
+
 @BACKENDS.register("plain")
 class PlainBackend:
     rank, world_size = 0, 1
@@ -50,6 +63,7 @@ class PlainBackend:
                  device: torch.device, trainer: TrainerConfig | None = None):
         self.device, self.dtype = device, DTYPES[precision]
         self.grad_accum, self._micro = trainer.grad_accum if trainer is not None else 1, 0
+        self.grad_clip = trainer.grad_clip if trainer is not None else 0.0
         self.module = module.to(device)
         self.optimizer = build_optimizer(groups, optim)
         for g in self.optimizer.param_groups:
@@ -72,6 +86,10 @@ class PlainBackend:
         self._micro += 1
         if self._micro % self.grad_accum:
             return  # accumulate until the window is full
+        if self.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

@@ -1,18 +1,17 @@
 """The DeepSpeed backend: the same seam as `PlainBackend`, with the `DistillStep` wrapped by
 `deepspeed.initialize` (ZeRO 0/1/2, gradient accumulation, data parallel over ranks).
 
-What the recipe decides, DeepSpeed is told, never the other way round:
+The recipe decides and DeepSpeed is told (a stock config's optimizer/scheduler/bf16/fp16/clipping
+sections were already taken into the recipe at load, `distill.deepspeed_config.adopt_sections`):
 - the optimiser is the recipe's (`build_optimizer`, a client torch optimiser: no fused-Adam
-  compile), its lr schedule is the trainer's per-epoch `set_lr`; a DeepSpeed config with an
-  `optimizer` or `scheduler` section is refused rather than silently preferred;
-- no gradient clipping (DeepSpeed's default is 1.0; the recipe and the plain backend do not clip);
+  compile), its lr the trainer's `set_lr` (per-epoch schedule × per-step warm-up);
+- `gradient_clipping` is the recipe's `trainer.grad_clip` (0: none; DeepSpeed's default is 1.0);
 - `trainer.batch_size` is the global batch (DeepSpeed's `train_batch_size`), split over ranks ×
   `trainer.grad_accum` micro-steps; a config whose batch keys disagree is refused;
 - `precision: bf16|fp16` becomes DeepSpeed's `torch_autocast` (fp32 weights and optimiser, low
   precision compute, as the plain backend's autocast), with gradients communicated in fp32 unless
-  the config names `lower_precision_safe_modules`. DeepSpeed's native `bf16`/`fp16` sections would
-  store the student in half precision (then evaluation and the exported student would be too), so
-  they are refused with that reason.
+  the config names `lower_precision_safe_modules`. DeepSpeed's native half-precision modes would
+  store the student in half precision (then evaluation and the exported student would be too).
 Teachers never enter the engine: the runner builds them per rank, frozen, inference only.
 
 Checkpoints are DeepSpeed's own (`engine.save_checkpoint`, per-rank ZeRO partitions, a tag per
@@ -88,7 +87,7 @@ class DeepSpeedBackend:
         deepspeed = import_deepspeed(device)
         ds = read_deepspeed_config(trainer.deepspeed)
         self.config = engine_config(ds, batch_size=trainer.batch_size, grad_accum=trainer.grad_accum,
-                                    world=distributed.world_size(), precision=precision)
+                                    world=distributed.world_size(), precision=precision, grad_clip=trainer.grad_clip)
         self.device, self.grad_accum = device, trainer.grad_accum
         optimizer = build_optimizer(groups, optim)
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]

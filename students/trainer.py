@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 
 from distill.artefacts import write_text
 from distill.config import RunConfig
@@ -27,14 +26,23 @@ from distill.data import ImageSet
 from distill.distributed import ShardedSampler, micro_batch
 from distill.errors import ArtefactError, ConfigError
 from distill.models import save_model
+from distill.progress import Progress, say
+from distill.step_log import StepLog
 from students.accuracy import evaluate
-from students.backends import lr_factor
+from students.backends import lr_factor, warmup_factor
 from students.step import DistillStep
 from teachers.source import BatchLabeler
 
 
 def seed_for(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
+
+
+def gpu_memory(device: torch.device) -> dict[str, float]:
+    """Peak memory allocated on a GPU (bytes), for the step log; nothing on the CPU."""
+    if device.type != "cuda":
+        return {}
+    return {"gpu_memory_bytes": float(torch.cuda.max_memory_allocated(device))}
 
 
 class Trainer:
@@ -48,60 +56,81 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.ckpt_path = self.run_dir / "checkpoints" / "last.safetensors"
         self.history: list[dict[str, Any]] = []
-        self.start_epoch = 0
+        self.start_epoch, self.global_step = 0, 0
+        log = cfg.log
+        self.steps = StepLog(self.run_dir, log.every_steps, log.tensorboard, enabled=backend.is_main)
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> list[dict[str, Any]]:
-        cfg, dev = self.cfg.trainer, self.backend.device
+        cfg = self.cfg.trainer
         self.maybe_resume()
-        for epoch in range(self.start_epoch, cfg.epochs):
-            torch.manual_seed(seed_for(self.cfg.seed, epoch) + 7919 * self.backend.rank)  # dropout etc.
-            # the global batch's order and crops come from `gen`, drawn alike on every rank; each rank
-            # keeps its share (distill.distributed); whole accumulation windows only
-            gen = torch.Generator().manual_seed(seed_for(self.cfg.seed, epoch))
-            world, accum = self.backend.world_size, self.backend.grad_accum  # the backend's: it steps per window
-            loader = DataLoader(self.train_set, batch_size=micro_batch(cfg.batch_size, world, accum),
-                                sampler=ShardedSampler(len(self.train_set), self.backend.rank, world, gen),
-                                generator=gen, num_workers=cfg.num_workers,
-                                drop_last=len(self.train_set) > cfg.batch_size)
-            micro_steps = len(loader) // accum * accum
-            if micro_steps == 0:
-                raise ConfigError(f"trainer.grad_accum {accum}: {len(self.train_set)} training images do not fill one "
-                                  f"optimiser step of trainer.batch_size {cfg.batch_size}")
-            self.backend.set_lr(lr_factor(self.cfg.optim, epoch, cfg.epochs))
-            self.step.train()
-            sums: dict[str, float] = {}
-            steps, seen, start = 0, 0, time.perf_counter()
-            bar = tqdm(islice(loader, micro_steps), total=micro_steps, desc=f"{self.cfg.name} {epoch + 1}/{cfg.epochs}",
-                       leave=False, dynamic_ncols=True,
-                       disable=None if self.backend.is_main else True)  # None: off when not a terminal
-            for images, targets, index in bar:
-                images, targets = images.to(dev, non_blocking=True).float().div_(255), targets.to(dev)
-                batch = self.labeler(images, targets, index, epoch, gen)
-                with self.backend.autocast():
-                    terms = self.backend.module(batch.images, batch.targets, batch.soft)
-                self.backend.backward(terms["loss"])
-                self.backend.step()
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v.item()
-                steps, seen = steps + 1, seen + len(images)
-                bar.set_postfix(loss=f"{sums['loss'] / steps:.3f}")
-            seconds = time.perf_counter() - start
-            record = {"epoch": epoch + 1, "lr": self.backend.optimizer.param_groups[0]["lr"],
-                      **{f"train_{k}": self.backend.reduce_mean(v / max(steps, 1)) for k, v in sums.items()},
-                      "epoch_seconds": seconds, "images_per_second": self.backend.reduce_sum(seen) / seconds,
-                      "teacher_queries": self.backend.reduce_sum(self.labeler.cost.total_queries),
-                      "teacher_seconds": self.backend.reduce_sum(self.labeler.cost.total_seconds)}
-            record.update({f"test_{k}": v for k, v in self.evaluate().items()})
-            self.history.append(record)
-            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
-                self.save_checkpoint(epoch + 1)
-            if self.backend.is_main:
-                tqdm.write(f"[{self.cfg.name}] epoch {epoch + 1}/{cfg.epochs} loss {record['train_loss']:.4f} "
-                           f"top1 {record['test_top1']:.2f} ({seconds:.1f}s)")
+        try:
+            for epoch in range(self.start_epoch, cfg.epochs):
+                record = self.train_epoch(epoch)
+                record.update({f"test_{k}": v for k, v in self.evaluate().items()})
+                self.history.append(record)
+                self.steps.epoch(self.global_step, record)
+                if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+                    self.save_checkpoint(epoch + 1)
+                say(f"[{self.cfg.name}] epoch {epoch + 1}/{cfg.epochs} loss {record['train_loss']:.4f} "
+                    f"top1 {record['test_top1']:.2f} ({record['epoch_seconds']:.1f}s)")
+        finally:
+            self.steps.close()
         if self.backend.is_main:
             save_model(self.run_dir / "student.safetensors", self.step.student, {"config_hash": self.cfg.hash()})
         return self.history
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One pass: seeded order and crops → labeler → step → backend; the epoch's record."""
+        cfg, dev, b = self.cfg.trainer, self.backend.device, self.backend
+        torch.manual_seed(seed_for(self.cfg.seed, epoch) + 7919 * b.rank)  # dropout etc.
+        # the global batch's order and crops come from `gen`, drawn alike on every rank; each rank
+        # keeps its share (distill.distributed); whole accumulation windows only
+        gen = torch.Generator().manual_seed(seed_for(self.cfg.seed, epoch))
+        loader = DataLoader(self.train_set, batch_size=micro_batch(cfg.batch_size, b.world_size, b.grad_accum),
+                            sampler=ShardedSampler(len(self.train_set), b.rank, b.world_size, gen),
+                            generator=gen, num_workers=cfg.num_workers, drop_last=len(self.train_set) > cfg.batch_size)
+        micro_steps = len(loader) // b.grad_accum * b.grad_accum  # the backend's accumulation: it steps per window
+        if micro_steps == 0:
+            raise ConfigError(f"trainer.grad_accum {b.grad_accum}: {len(self.train_set)} training images do not fill "
+                              f"one optimiser step of trainer.batch_size {cfg.batch_size}")
+        self.global_step = epoch * micro_steps
+        epoch_lr, optim = lr_factor(self.cfg.optim, epoch, cfg.epochs), self.cfg.optim
+        b.set_lr(epoch_lr * warmup_factor(optim, self.global_step // b.grad_accum))
+        self.step.train()
+        sums: dict[str, float] = {}
+        steps, seen, start = 0, 0, time.perf_counter()
+        bar = Progress(islice(loader, micro_steps), total=micro_steps, desc=f"{self.cfg.name} {epoch + 1}/{cfg.epochs}",
+                       unit="step", leave=False, enabled=b.is_main)
+        ready = time.perf_counter()
+        for images, targets, index in bar:
+            if optim.warmup_steps and self.global_step % b.grad_accum == 0:  # a new optimiser step
+                b.set_lr(epoch_lr * warmup_factor(optim, self.global_step // b.grad_accum))
+            loaded, teacher_s = time.perf_counter(), self.labeler.cost.total_seconds
+            images, targets = images.to(dev, non_blocking=True).float().div_(255), targets.to(dev)
+            batch = self.labeler(images, targets, index, epoch, gen)
+            with b.autocast():
+                terms = b.module(batch.images, batch.targets, batch.soft)
+            b.backward(terms["loss"])
+            b.step()
+            values = {k: v.item() for k, v in terms.items()}
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+            steps, seen = steps + 1, seen + len(images)
+            bar.set_postfix(loss=f"{sums['loss'] / steps:.3f}")
+            done = time.perf_counter()
+            if self.steps.due(self.global_step, steps == micro_steps):
+                self.steps.step(epoch + 1, self.global_step, {
+                    **values, "lr": b.optimizer.param_groups[0]["lr"], "images_per_second": len(images) / (done - ready),
+                    "data_seconds": loaded - ready, "compute_seconds": done - loaded,
+                    "teacher_seconds": self.labeler.cost.total_seconds - teacher_s, **gpu_memory(dev)})
+            self.global_step, ready = self.global_step + 1, done
+        seconds = time.perf_counter() - start
+        return {"epoch": epoch + 1, "lr": b.optimizer.param_groups[0]["lr"],
+                **{f"train_{k}": b.reduce_mean(v / max(steps, 1)) for k, v in sums.items()},
+                "epoch_seconds": seconds, "images_per_second": b.reduce_sum(seen) / seconds,
+                "teacher_queries": b.reduce_sum(self.labeler.cost.total_queries),
+                "teacher_seconds": b.reduce_sum(self.labeler.cost.total_seconds)}
 
     def evaluate(self) -> dict[str, float]:
         """Each rank scores its interleaved share of the test set; per-image sums are reduced."""
@@ -124,6 +153,7 @@ class Trainer:
     def maybe_resume(self) -> None:
         meta = self.backend.checkpoint_meta(self.ckpt_path)
         if meta is None:
+            self.steps.resume(0)
             return
         if meta.get("config_hash") != self.cfg.hash():
             raise ArtefactError(
@@ -133,9 +163,10 @@ class Trainer:
         self.start_epoch, self.history = state["epochs_done"], state["history"]
         self.labeler.cost.queries.update(state["cost"]["queries"])  # rank 0's; ranks query alike
         self.labeler.cost.seconds.update(state["cost"]["seconds"])
+        self.steps.resume(self.start_epoch)
         if self.backend.is_main:
             self._write_metrics()
-            tqdm.write(f"[{self.cfg.name}] resumed after epoch {self.start_epoch}")
+            say(f"[{self.cfg.name}] resumed after epoch {self.start_epoch}")
 
     def _write_metrics(self) -> None:
         """metrics.jsonl is rewritten whole from the checkpointed history, so it never holds an

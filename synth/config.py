@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from distill.config import CropScale, DataConfig, Device, ModelConfig, OptimConfig, Strict, format_validation_error
+from distill.config import (CropScale, DataConfig, Device, LogConfig, ModelConfig, OptimConfig, Strict,
+                            format_validation_error)
 from distill.errors import ConfigError
 from distill.models import is_known_model, suggest_models
 from synth.augment import DSA_OPS
@@ -209,6 +210,7 @@ class SynthConfig(Strict):
     # synthesis (synthesis_hash) can then start from them; off, the artefact holds only what it lists
     keep_work: bool = False
     eval: EvalConfig = EvalConfig()
+    log: LogConfig = LogConfig()  # how the job reports (progress lines off a terminal)
 
     @model_validator(mode="after")
     def _needs(self) -> "SynthConfig":
@@ -241,12 +243,13 @@ class SynthConfig(Strict):
 
     def hash(self) -> str:
         """Identity of the artefact (not where it is written, and not how it is evaluated)."""
-        return self._hash(("out_dir", "eval", "device", "grid_scale", "keep_work"))
+        return self._hash(("out_dir", "eval", "device", "grid_scale", "keep_work", "log"))
 
     def synthesis_hash(self) -> str:
         """Identity of the optimised pixels alone, which chunk files carry: a recipe that changes
         only the name, labels or storage dtype can reuse another's finished chunks."""
-        return self._hash(("out_dir", "eval", "device", "grid_scale", "keep_work", "name", "labels", "storage"))
+        return self._hash(("out_dir", "eval", "device", "grid_scale", "keep_work", "log", "name", "labels",
+                           "storage"))
 
     def _hash(self, leave_out: tuple[str, ...]) -> str:
         d = self.to_dict()

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from distill.artefacts import load_tensors, read_metadata, save_tensors, sha256_file
 from distill.config import dump_config
@@ -26,6 +25,7 @@ from distill.data import ImageSet, load_data
 from distill.distributed import rank_world, resolve_device
 from distill.errors import ArtefactError, ConfigError
 from distill.models import CHECKPOINT_FORMAT, read_checkpoint_header
+from distill.progress import Progress, set_interval
 from synth.artefact import MANIFEST, as_imageset, quantise, read_manifest, write_artefact
 from synth.config import SynthConfig
 from synth.hello import hello_step, preflight
@@ -118,7 +118,7 @@ def optimise(method: SynthMethod, x0: torch.Tensor, y: torch.Tensor, ctx: SynthC
     opt = (torch.optim.Adam([z], lr=oc.lr, betas=oc.betas) if oc.name == "adam"
            else torch.optim.SGD([z], lr=oc.lr, momentum=oc.momentum))
     last = float("nan")
-    bar = tqdm(range(iterations), desc=desc, leave=False, dynamic_ncols=True, disable=None if progress else True)
+    bar = Progress(range(iterations), desc=desc, unit="step", leave=False, enabled=progress)
     for step in bar:
         factor = 0.5 * (1 + math.cos(math.pi * step / iterations)) if oc.schedule == "cosine" else 1.0
         for g in opt.param_groups:
@@ -276,8 +276,8 @@ def synthesize(cfg: SynthConfig, rank: int | None = None, world: int | None = No
         return SynthResult(job.root, read_manifest(job.root), rank, world, 0.0, 0)
     mine = [ch for i, ch in enumerate(job.chunks) if i % world == rank]
     todo = [ch for ch in mine if not job.chunk_done(ch)]
-    bar = tqdm(todo, desc=f"synth {cfg.name} rank {rank}/{world}", unit="chunk", dynamic_ncols=True,
-               disable=None if progress else True)
+    set_interval(cfg.log.every_seconds)
+    bar = Progress(todo, desc=f"synth {cfg.name} rank {rank}/{world}", unit="chunk", enabled=progress)
     for ch in bar:
         job.run_chunk(ch)
     manifest = job.finalise(wait_seconds)

@@ -29,11 +29,11 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from distill.artefacts import (ArtefactError, append_jsonl, atomic_path, load_tensors, read_jsonl, sha256_file,
                                versions, write_text)
 from distill.augment import apply_crops, sample_crops
+from distill.progress import Progress
 from teachers.regions import apply_selfmix, compress_topk, decompress, mix_labels, sample_selfmix
 from teachers.source import Batch, LabelSource, QueryCost, SoftLabels
 
@@ -325,8 +325,8 @@ def generate_store(root: str | Path, spec: StoreSpec, train, source: LabelSource
     writer = StoreWriter(root, spec, rank, world)
     todo = writer.pending()
     per_call = max(1, batch_size // spec.crops_per_image)
-    bar = tqdm(total=sum(spec.chunk_range(c)[1] - spec.chunk_range(c)[0] for _, c in todo), unit="img",
-               desc=f"labels {Path(root).name} rank {rank}/{world}", disable=None if progress else True)
+    bar = Progress(total=sum(spec.chunk_range(c)[1] - spec.chunk_range(c)[0] for _, c in todo), unit="img",
+                   desc=f"labels {Path(root).name} rank {rank}/{world}", enabled=progress)
     by_chunk: dict[int, list[int]] = {}
     for e, c in todo:
         by_chunk.setdefault(c, []).append(e)

@@ -3,8 +3,10 @@ import pytest
 import torch
 from PIL import Image
 
+from distill.cli import main
 from distill.config import DataConfig
-from distill.data import DataError, load_data
+from distill.data import DataError, load_data, load_split
+from distill.models import create_model, save_model
 
 
 def test_digits_built_in_upscaled():
@@ -56,3 +58,20 @@ def test_imagefolder(tmp_path):
     (tmp_path / "val" / "cow").mkdir()
     with pytest.raises(DataError, match="differ from the training classes"):
         load_data(DataConfig(source="imagefolder", path=tmp_path, image_size=16))
+
+
+def test_eval_reads_only_the_split_it_scores(tmp_path, capsys):
+    """`distill eval --split test` never decodes x_train (here unreadable), and uses loader workers."""
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "d.npz"
+    np.savez(path, x_train=np.zeros((5, 2, 2, 2, 2), np.uint8), y_train=np.array([0, 1, 2, 0, 1]),
+             x_test=rng.integers(0, 255, (12, 16, 16), dtype=np.uint8), y_test=np.arange(12) % 3)
+    cfg = DataConfig(source="npz", path=path, image_size=16)
+    with pytest.raises(DataError, match="x_train has shape"):
+        load_data(cfg)
+    test = load_split(cfg, "test")
+    assert len(test) == 12 and test.class_names == ("0", "1", "2")
+    save_model(tmp_path / "m.safetensors", create_model("test_vit", 3, 1, 16, ("0", "1", "2")))
+    assert main(["eval", str(tmp_path / "m.safetensors"), "--data", str(path), "--workers", "2"]) == 0
+    assert "images 12" in capsys.readouterr().out

@@ -273,21 +273,99 @@ def _raw(tmp_path, **trainer) -> dict:
 
 
 @pytest.mark.parametrize("ds,match", [
-    ({"optimizer": {"type": "Adam"}}, "'optimizer' section"),
-    ({"scheduler": {"type": "WarmupLR"}}, "'scheduler' section"),
-    ({"bf16": {"enabled": True}}, "enables 'bf16'"),
-    ({"fp16": {"enabled": True}}, "enables 'fp16'"),
+    ({"optimizer": {"type": "Lamb"}}, "optimizer.type 'Lamb'"),
+    ({"optimizer": {"type": "AdamW", "params": {"betas": [0.8, 0.99]}}}, "optimizer.params.betas"),
+    ({"optimizer": {"type": "Adam", "params": {"adam_w_mode": False}}}, "adam_w_mode"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 0.001}}}, "optimizer.params.lr 0.001 contradicts the recipe's optim.lr 0.05"),
+    ({"scheduler": {"type": "WarmupDecayLR"}}, "scheduler.type 'WarmupDecayLR'"),
+    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 1e-5}}}, "warmup_min_lr"),
+    ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "both 'bf16' and 'fp16'"),
+    ({"amp": {"enabled": True}}, "enables 'amp'"),
     ({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}, "contradicts the recipe's precision 'fp32'"),
     ({"zero_optimization": {"stage": 3}}, "stage 3 is not supported .*ZeRO 3 partitions"),
     ({"zero_optimization": {"stage": 2}}, "zero_allow_untested_optimizer"),
     ({"train_batch_size": 64}, "train_batch_size 64 contradicts trainer.batch_size 32"),
     ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps 4 contradicts trainer.grad_accum 1"),
     ({"train_micro_batch_size_per_gpu": 5}, "train_micro_batch_size_per_gpu 5"),
-    ({"gradient_clipping": 1.0}, "does not clip"),
 ])
 def test_contradicting_deepspeed_config_is_refused(tmp_path, ds, match):
     with pytest.raises(ConfigError, match=match):
         parse_config(_raw(tmp_path, deepspeed=ds))
+
+
+def _stock_recipe(out_dir: Path, **over) -> dict:
+    """The test recipe with no optim section: a stock DeepSpeed config supplies it."""
+    raw = _recipe(out_dir, **over)
+    raw.pop("optim")
+    return raw
+
+
+def test_stock_deepspeed_config_fills_the_recipe(tmp_path):
+    raw = _stock_recipe(tmp_path, trainer={"backend": "deepspeed",
+                                           "deepspeed": str(REPO / "configs" / "deepspeed" / "stock_bf16_adamw_warmup.json")})
+    cfg = parse_config(raw)
+    o = cfg.optim
+    assert (o.name, o.lr, o.weight_decay, o.schedule, o.warmup_steps, o.warmup_type) == \
+        ("adamw", 0.001, 0.01, "constant", 4, "log")
+    assert cfg.precision == "bf16" and cfg.trainer.grad_clip == 1.0
+    assert cfg.trainer.from_deepspeed == {
+        "optim.name": "optimizer.type", "optim.lr": "optimizer.params.lr",
+        "optim.weight_decay": "optimizer.params.weight_decay", "optim.schedule": "scheduler.type WarmupLR",
+        "optim.warmup_steps": "scheduler.params.warmup_num_steps", "optim.warmup_type": "scheduler.params.warmup_type",
+        "precision": "bf16.enabled", "trainer.grad_clip": "gradient_clipping"}
+    assert not {"optimizer", "scheduler", "bf16", "gradient_clipping"} & set(cfg.trainer.deepspeed)
+    # where the recipe says the same, nothing contradicts; where it differs, the key is named
+    assert parse_config({**raw, "optim": {"name": "adamw", "lr": 0.001}}).optim.warmup_steps == 4
+    with pytest.raises(ConfigError, match="optimizer.type 'adamw' contradicts the recipe's optim.name 'sgd'"):
+        parse_config({**raw, "optim": {"name": "sgd"}})
+    with pytest.raises(ConfigError, match="bf16.enabled 'bf16' contradicts the recipe's precision 'fp32'"):
+        parse_config({**raw, "precision": "fp32"})
+
+
+def test_warmup_matches_deepspeeds_warmup_lr():
+    """The trainer's per-step warm-up factor is DeepSpeed's WarmupLR (min lr 0) step for step."""
+    from distill.config import OptimConfig
+    from students.backends import warmup_factor
+    from students.deepspeed_backend import import_deepspeed
+
+    import_deepspeed()
+    from deepspeed.runtime.lr_schedules import WarmupLR
+
+    for kind in ("log", "linear"):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = WarmupLR(opt, warmup_min_lr=0.0, warmup_max_lr=1.0, warmup_num_steps=5, warmup_type=kind)
+        cfg = OptimConfig(lr=1.0, warmup_steps=5, warmup_type=kind)
+        for step in range(9):
+            assert warmup_factor(cfg, step) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12), (kind, step)
+            opt.step()
+            sched.step()
+
+
+def test_stock_config_under_the_deepspeed_launcher(ds_env, out_dir):
+    """`deepspeed --num_gpus 2 -m distill.cli train RECIPE` with a stock bf16 + AdamW + WarmupLR
+    config: it trains, the lr follows the warm-up, the run's config says what came from DeepSpeed."""
+    raw = _stock_recipe(out_dir / "runs", name="stock", trainer={"backend": "deepspeed", "epochs": 2,
+                        "deepspeed": str(REPO / "configs" / "deepspeed" / "stock_bf16_adamw_warmup.json")})
+    raw["log"] = {"every_steps": 1}
+    recipe = out_dir / "stock.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    from distill.distributed import free_port
+
+    r = subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
+                        str(free_port()), "--module", "distill.cli", "train", str(recipe)],
+                       env=ds_env, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    run = out_dir / "runs" / "stock"
+    steps = read_jsonl(run / "metrics_steps.jsonl")
+    lrs = [row["lr"] for row in steps]  # 3 optimiser steps per epoch, one micro-step each per rank
+    from distill.config import OptimConfig
+    from students.backends import warmup_factor
+
+    want = OptimConfig(lr=0.001, schedule="constant", warmup_steps=4, warmup_type="log")
+    assert lrs == pytest.approx([0.001 * warmup_factor(want, k) for k in range(len(lrs))])
+    written = yaml.safe_load((run / "config.yaml").read_text())
+    assert written["precision"] == "bf16" and written["trainer"]["from_deepspeed"]["optim.name"] == "optimizer.type"
+    assert len(read_jsonl(run / "metrics.jsonl")) == 2 and (run / "student.safetensors").is_file()
 
 
 def test_config_file_errors_and_plain_backend(tmp_path):
@@ -322,7 +400,7 @@ def test_launch_plans_and_refusals(tmp_path):
     assert plan.argv[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
     assert plan.argv[-5:] == ["-m", "distill.cli", "train", str(recipe), "trainer.epochs=1"]
     ds = plan_launch(str(recipe), [], 2, launcher="deepspeed", gpu=True)
-    assert "DS_ACCELERATOR" not in ds.env and "--no_local_rank" in ds.argv and "--module" in ds.argv
+    assert "DS_ACCELERATOR" not in ds.env and "--no_local_rank" not in ds.argv and "--module" in ds.argv  # ranks get --local_rank
     multi = plan_launch(str(recipe), [], 8, nnodes=2, node_rank=1, master_addr="10.0.0.1", gpu=True)
     assert "--nnodes=2" in multi.argv and "--node_rank=1" in multi.argv and "--master_addr=10.0.0.1" in multi.argv
     with pytest.raises(ConfigError, match="does not divide over 3 rank"):
