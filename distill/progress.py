@@ -50,7 +50,7 @@ class Progress:
         self.tty = self.enabled and self.stream.isatty()
         self.bar = tqdm(total=self.total, desc=desc, unit=unit, leave=leave, dynamic_ncols=True,
                         file=self.stream) if self.tty else None
-        self.clock, self.n, self.postfix = clock, 0, ""
+        self.clock, self.n, self.postfix, self.printed = clock, 0, "", -1
         self.start = self.last = clock()
 
     def __iter__(self) -> Iterator[Any]:
@@ -88,13 +88,13 @@ class Progress:
 
     def _line(self) -> None:
         print(self.line(), file=self.stream, flush=True)
-        self.last = self.clock()
+        self.last, self.printed = self.clock(), self.n
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        elif self.enabled and self.leave and self.n:
+        elif self.enabled and self.leave and self.n and self.printed != self.n:
             self._line()  # a log shows where the loop ended
         self.enabled = False
 
