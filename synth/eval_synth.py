@@ -9,6 +9,11 @@ all with the same optimiser, schedule, epochs and augmentation (`EvalConfig`). T
 final-epoch top-1 mean ± std over seeds, label mode and label bytes, and the improvement over the
 random subset as its own column; best-epoch accuracy only when asked, and labelled so.
 
+Beside it, DD-Ranking's hard-label recovery, improvement over random and label-robust score
+(`synth.ddranking`: HLR, IOR, LRS), from the table's means. HLR needs the distilled images trained
+with hard labels: for a soft-label artefact (relabel, projector) with full data on, the plan adds
+that run as its own set, `distilled_hard` (the hard labeler, the same protocol and epochs).
+
 Training is the engine's `students.trainer.Trainer` on in-memory `ImageSet`s; every run has a
 deterministic directory (under the artefact's `eval/`, or `cache_dir`), so an interrupted
 evaluation resumes and finished runs are reused.
@@ -28,7 +33,6 @@ from typing import Any
 import torch
 import yaml
 from pydantic import ValidationError
-from tqdm.auto import tqdm
 
 from distill.artefacts import write_text
 from distill.augment import RandomCrops
@@ -36,12 +40,14 @@ from distill.config import DataConfig, LossConfig, ModelConfig, RunConfig, Train
 from distill.data import ImageSet, data_config_for, load_data, subset
 from distill.distributed import resolve_device
 from distill.errors import ConfigError, DataError
+from distill.progress import Progress
 from distill.report import markdown_table, text_table
 from students.build import create_backend, create_step
 from students.trainer import Trainer
 from synth.artefact import Artefact, read_artefact
 from synth.augment import DSA
 from synth.config import EvalConfig, RelabelConfig
+from synth.ddranking import LRS_WEIGHT, DDRanking, dd_ranking
 from synth.hello import projector_labeler
 from synth.init import class_indices, gather, keyed_generator
 from synth.relabel import relabel_store, store_labeler
@@ -68,7 +74,7 @@ def hard_labeler(protocol: EvalConfig, data: ImageSet) -> BatchLabeler:
 class SetResult:
     """One (training set, student) cell of the table."""
 
-    set_name: str  # distilled | random | full
+    set_name: str  # distilled | distilled_hard | random | full
     student: str
     label_mode: str
     images: int
@@ -109,6 +115,42 @@ class EvalReport:
         d, r = self.cell(student, "distilled"), self.cell(student, "random")
         return None if d is None or r is None else d.mean - r.mean
 
+    def ddranking_sets(self, student: str) -> dict[str, str | None]:
+        """Which set gives each DD-Ranking input (None: not run). syn-hard is the distilled set
+        itself when its labels are hard, else its `distilled_hard` run."""
+        d = self.cell(student, "distilled")
+        hard = "distilled" if d is not None and d.label_mode == "hard" else "distilled_hard"
+        sets = {"real_hard": "full", "syn_hard": hard, "syn_any": "distilled", "rdm_any": "random"}
+        return {k: s if self.cell(student, s) is not None else None for k, s in sets.items()}
+
+    def ddranking(self, student: str) -> DDRanking:
+        """DD-Ranking's HLR, IOR and LRS from this table's final-epoch means; a metric whose run the
+        protocol switched off is None, with why."""
+        sets = self.ddranking_sets(student)
+        no_full = "full_data is off: no full-data run with hard labels (real-hard)"
+        why = {"real_hard": no_full,
+               "syn_hard": no_full if sets["real_hard"] is None  # planned only beside full data
+               else "no run of the distilled images with hard labels (syn-hard)",
+               "rdm_any": "random_subset is off: no random real subset run (rdm-any)"}
+        means = [None if s is None else self.cell(student, s).mean for s in sets.values()]
+        return dd_ranking(*means, why=why)
+
+    def ddranking_header(self) -> list[str]:
+        return ["student", "HLR (points, lower better)", "IOR (points, higher better)",
+                f"LRS (w={LRS_WEIGHT}, 0-100)", "syn-hard run"]
+
+    def ddranking_rows(self) -> list[list[str]]:
+        rows = []
+        for s in self.protocol.students:
+            m = self.ddranking(s)
+            rows.append([s, "n/a" if m.hlr is None else f"{m.hlr:.2f}", "n/a" if m.ior is None else f"{m.ior:+.2f}",
+                         "n/a" if m.lrs is None else f"{m.lrs:.2f}", self.ddranking_sets(s)["syn_hard"] or "-"])
+        return rows
+
+    def ddranking_notes(self) -> list[str]:
+        return [f"{s}: {metric.upper()} not available: {why}" for s in self.protocol.students
+                for metric, why in self.ddranking(s).missing.items()]
+
     def rows(self) -> list[list[str]]:
         rows = []
         for r in self.results:
@@ -126,12 +168,16 @@ class EvalReport:
         return h + (["best-epoch top-1 (mean, labelled)"] if self.protocol.best_epoch else [])
 
     def text(self) -> str:
-        return text_table(self.header(), self.rows())
+        dd = text_table(self.ddranking_header(), self.ddranking_rows())
+        return "\n".join([text_table(self.header(), self.rows()), "", "DD-Ranking (final-epoch means above)", dd,
+                          *self.ddranking_notes()])
 
     def to_json(self) -> dict[str, Any]:
         return {"ipc": self.ipc, "protocol": self.protocol.model_dump(mode="json"),
                 "results": [r.to_json(self.protocol.best_epoch) for r in self.results],
-                "improvement_over_random": {s: self.improvement(s) for s in self.protocol.students}}
+                "improvement_over_random": {s: self.improvement(s) for s in self.protocol.students},
+                "ddranking": {s: self.ddranking(s).to_json() | {"sets": self.ddranking_sets(s)}
+                              for s in self.protocol.students}}
 
 
 def eval_data(art: Artefact, data_spec: str | None, image_size: int | None) -> tuple[DataConfig, ImageSet, ImageSet]:
@@ -242,7 +288,9 @@ class Cell:
 
 class EvalPlan:
     """Which runs the protocol asks for, and for each its data and labeler. The distilled set and
-    the random subset get the same kind of labels (the artefact's label mode); full data is hard."""
+    the random subset get the same kind of labels (the artefact's label mode); full data is hard.
+    A soft-label artefact evaluated beside full data also trains its images with hard labels
+    (`distilled_hard`: DD-Ranking's syn-hard, for HLR)."""
 
     def __init__(self, art: Artefact, protocol: EvalConfig, train: ImageSet, device: torch.device, root: Path):
         raw_recipe = yaml.safe_load(art.recipe_yaml)
@@ -266,6 +314,7 @@ class EvalPlan:
         p, plan = self.protocol, []
         for s in p.students:
             plan += [("distilled", s, k) for k in range(p.seeds)]
+            plan += [("distilled_hard", s, k) for k in range(p.seeds)] if self.mode != "hard" and p.full_data else []
             plan += [("random", s, k) for k in range(p.seeds)] if p.random_subset else []
             plan += [("full", s, k) for k in range(p.seeds)] if p.full_data else []
         return plan
@@ -283,6 +332,13 @@ class EvalPlan:
         else:
             labeler, lbytes = hard_labeler(self.protocol, data), _hard_bytes(len(data))
         return Cell(data, labeler, lbytes, m["bytes"]["images"], self.protocol.epochs, self.mode, run_dir)
+
+    def distilled_hard(self, student: str, seed: int, ident: str) -> Cell:
+        """The distilled images with hard labels under the same protocol (a soft-label artefact's syn-hard)."""
+        data = self.art.images
+        run_dir = self.art.root / "eval" / f"distilled_hard-{student}-{ident}" / f"seed{seed}"
+        return Cell(data, hard_labeler(self.protocol, data), _hard_bytes(len(data)),
+                    self.art.manifest["bytes"]["images"], self.protocol.epochs, "hard", run_dir)
 
     def random(self, student: str, seed: int, ident: str) -> Cell:
         data = random_subset(self.train, self.art.ipc, seed)
@@ -323,9 +379,9 @@ def eval_synth(artefact: str | Path, students: list[str] | None = None, seeds: i
     dcfg, train, test = eval_data(art, data_spec, image_size)
     plan = EvalPlan(art, protocol, train, resolve_device(device), Path(cache_dir) if cache_dir else art.root / "eval")
     cells: dict[tuple[str, str], SetResult] = {}
-    bar = tqdm(plan.runs(), desc=f"eval-synth {art.root.name}", unit="student", disable=None if progress else True)
+    bar = Progress(plan.runs(), desc=f"eval-synth {art.root.name}", unit="student", enabled=progress)
     for set_name, student, seed in bar:
-        bar.set_postfix_str(f"{set_name} {student} seed {seed}")
+        bar.set_postfix(run=f"{set_name} {student} seed {seed}")
         c = plan.cell(set_name, student, seed)
         result = cells.setdefault((student, set_name), SetResult(set_name, student, c.label_mode, len(c.data),
                                                                  c.image_bytes, c.label_bytes))
@@ -355,4 +411,15 @@ def write_eval_report(art: Artefact, report: EvalReport) -> None:
         imp = report.improvement(s)
         if imp is not None:
             lines.append(f"- {s}: improvement over the random real subset at IPC {m['ipc']}: **{imp:+.2f}** points")
+    lines += ["", "## DD-Ranking", "",
+              "HLR = full data − distilled images, both with hard labels; IOR = distilled set − random subset, "
+              "same labels and protocol; LRS = 100 · (e^α − e^−1) / (e − e^−1), "
+              "α = w · IOR/100 − (1 − w) · HLR/100. From the final-epoch means above; definitions from DD-Ranking "
+              "(arXiv:2505.13300, `ddranking` 0.2.0 `LabelRobustScoreSoft/Hard.compute_metrics`), "
+              "see docs/synth.md.", "",
+              markdown_table(report.ddranking_header(), report.ddranking_rows()), ""]
+    if any(r.set_name == "distilled_hard" for r in report.results):
+        lines.append(f"- syn-hard of these {m['label_mode']} labels: the `distilled_hard` run, the same images "
+                     f"with hard labels, augmentation {p.augment}, {p.epochs} epochs")
+    lines += [f"- {note}" for note in report.ddranking_notes()]
     write_text(out / "report.md", "\n".join(lines) + "\n")
