@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from importlib import metadata
 import os
 import tempfile
@@ -39,9 +40,39 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def ensure_writable(directory: str | Path, field: str) -> None:
+    """Refuse, before any compute, an output directory that cannot be created or written (read-only
+    or full), naming the recipe field; creates it when missing."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-") as f:
+            f.write(b"\0" * 65536)  # a full disk fails here, not hours later
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise ArtefactError(f"{field}: cannot write to {directory} ({err.strerror or err}); choose a writable "
+                            f"directory (e.g. {field}=/path/with/space) or free space there") from None
+
+
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def strict_json(record: Any) -> str:
+    """JSON that every parser reads: non-finite floats (a skipped evaluation, a diverged loss)
+    become null instead of the NaN/Infinity tokens Python would write."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(record), allow_nan=False)
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
-from distill.errors import USER_ERRORS
+from distill.errors import USER_ERRORS, TrainingError
+
+EXIT_USER, EXIT_TRAINING, EXIT_INTERNAL = 2, 3, 1  # docs/errors.md
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -71,12 +75,20 @@ def cmd_launch(args: argparse.Namespace) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
-    """Student recipes and synthesis recipes (those with `ipc:`) alike."""
+    """Student recipes and synthesis recipes (those with `ipc:`) alike: the job's own preflight
+    (data, checkpoint headers, class counts, IPC) unless --structure-only."""
     from distill.recipe import load_recipe
+    from distill.runner import preflight
     from synth.config import SynthConfig
+    from synth.run import SynthJob
 
     cfg = load_recipe(args.recipe, args.overrides)
     kind = "synthesis recipe" if isinstance(cfg, SynthConfig) else "recipe"
+    if not args.structure_only:
+        if isinstance(cfg, SynthConfig):
+            SynthJob(cfg, 0, 1, None, progress=False)
+        else:
+            preflight(cfg)
     print(f"{args.recipe}: valid {kind} {cfg.name!r} (config hash {cfg.hash()})")
 
 
@@ -116,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a recipe (and overrides) without running it")
     v.add_argument("recipe")
     v.add_argument("overrides", nargs="*")
+    v.add_argument("--structure-only", action="store_true",
+                   help="check the recipe's structure and names only (no data or checkpoint is read)")
     v.set_defaults(fn=cmd_validate)
 
     la = sub.add_parser("launch", help="`train` on several processes (torchrun or the deepspeed launcher; backend deepspeed)")
@@ -167,9 +181,35 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.fn(args)
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        print(f"error: {one_screen(err)}", file=sys.stderr)
+        return EXIT_USER
+    except TrainingError as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        return EXIT_TRAINING
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001  (a bug of ours: one line here, the traceback in a file)
+        print(f"internal error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+              f"(full traceback in {write_traceback()}); please report it", file=sys.stderr)
+        return EXIT_INTERNAL
     return 0
+
+
+def one_screen(err: Exception) -> str:
+    """The error's own message: a DataLoader worker wraps it in its traceback; keep the last line."""
+    text = str(err)
+    if "Original Traceback" in text:
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
+def write_traceback() -> Path:
+    """The current exception's traceback, written where the user can attach it to a report."""
+    fd, path = tempfile.mkstemp(prefix="distill-error-", suffix=".txt")
+    with open(fd, "w") as f:
+        traceback.print_exc(file=f)
+    return Path(path)
 
 
 if __name__ == "__main__":

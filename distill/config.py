@@ -9,10 +9,11 @@ each job before any training step.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag,
@@ -72,6 +73,9 @@ class DataConfig(Strict):
     channels: Literal[1, 3] | None = None  # None: the data's own (digits/MNIST 1, ImageFolder 3)
     train_limit: int | None = Field(None, ge=1)  # first N training images (quick runs)
     augment: AugmentConfig = AugmentConfig()
+    # an ImageFolder file that cannot be decoded: `error` names it and stops; `skip` leaves it out of
+    # its batch and counts it (metrics, report); a preflight decode of every file is too slow at scale
+    on_bad_image: Literal["error", "skip"] = "error"
 
     @model_validator(mode="after")
     def _path(self) -> "DataConfig":
@@ -267,6 +271,10 @@ class TrainerConfig(Strict):
     # recipe keys taken from a stock DeepSpeed config's sections → the DeepSpeed key (distill.deepspeed_config)
     from_deepspeed: dict[str, str] = {}
     checkpoint_every: int = Field(1, ge=1)  # epochs
+    # a non-finite loss or gradient: `stop` (name the step, keep the last good checkpoint, exit 3) or
+    # `skip_step` (drop that optimiser step; at most `max_skipped_steps` per run, then stop)
+    on_nonfinite: Literal["stop", "skip_step"] = "stop"
+    max_skipped_steps: int = Field(10, ge=1)
 
     @field_validator("deepspeed")
     @classmethod
@@ -280,6 +288,8 @@ class TrainerConfig(Strict):
         if self.deepspeed is not None and self.backend != "deepspeed":
             raise ValueError(f"trainer.deepspeed is set but trainer.backend is {self.backend!r}; "
                              f"set backend: deepspeed, or remove the deepspeed config")
+        if self.on_nonfinite == "skip_step" and self.grad_accum > 1:
+            raise ValueError("on_nonfinite: skip_step drops whole optimiser steps; it needs trainer.grad_accum: 1")
         return self
 
 
@@ -391,6 +401,26 @@ class RunConfig(Strict):
         d = self.model_dump(mode="json", exclude_defaults=True, exclude={"out_dir", "log"})
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
+    def resume_hash(self) -> str:
+        """The hash without the keys a resume may change (`RESUMABLE`): a run stopped by a
+        non-finite loss resumes after, e.g., `optim.lr=0.01 trainer.grad_clip=1`."""
+        d = json.loads(json.dumps(self.model_dump(mode="json", exclude_defaults=True, exclude={"out_dir", "log"})))
+        for key in RESUMABLE:
+            *parents, leaf = key.split(".")
+            node = d
+            for p in parents:
+                node = node.get(p, {})
+            node.pop(leaf, None)
+            if parents and not node:
+                d.pop(parents[0], None)  # a section left empty is the same as one left at its defaults
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# keys a resumed run may change (docs/errors.md): how long, how it loads/reports/clips, and the step size
+RESUMABLE = ("trainer.epochs", "trainer.num_workers", "trainer.eval_batch_size", "trainer.checkpoint_every",
+             "trainer.grad_clip", "trainer.on_nonfinite", "trainer.max_skipped_steps", "optim.lr", "precision",
+             "device")
+
 
 # ---------------------------------------------------------------- loading, overrides, errors
 
@@ -426,14 +456,46 @@ def _index(node: list, part: str, key: str) -> int:
     return int(part)
 
 
-def format_validation_error(err: ValidationError, source: str, prefix: str = "") -> str:
-    """One line per problem: the field's path (under `prefix`), what is wrong, the bad value."""
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The config model inside an annotation (Optional, list, Annotated, a union: its first model)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def allowed_keys(model: type[BaseModel] | None, loc: tuple) -> list[str]:
+    """The keys the mapping at `loc` (a pydantic error location) accepts, following `model`'s fields."""
+    tags = {"ModelConfig": ModelConfig, "ProjectorTeacherConfig": ProjectorTeacherConfig}
+    for part in loc:
+        if model is None:
+            return []
+        if isinstance(part, int):
+            continue
+        if part in tags:
+            model = tags[part]
+            continue
+        field = model.model_fields.get(part)
+        model = _model_in(field.annotation) if field is not None else None
+    return list(model.model_fields) if model is not None else []
+
+
+def format_validation_error(err: ValidationError, source: str, prefix: str = "",
+                            model: type[BaseModel] | None = None) -> str:
+    """One line per problem: the field's path (under `prefix`), what is wrong, the bad value; an
+    unknown key also gets the keys allowed there and the closest one (`model`: the validated class)."""
     lines = [f"{source}: invalid recipe ({err.error_count()} problem{'s' * (err.error_count() > 1)})"]
     for e in err.errors():
         loc = ".".join([prefix] * bool(prefix) + [str(p) for p in e["loc"] if p not in _UNION_TAGS]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+            allowed = allowed_keys(model, e["loc"][:-1])
+            close = difflib.get_close_matches(str(e["loc"][-1]), allowed, n=1, cutoff=0.6)
+            msg = "unknown key" + (f"; did you mean {close[0]!r}?" if close else "") + \
+                (f" (allowed here: {', '.join(allowed)})" if allowed else "")
         elif e["type"] == "literal_error":
             msg = f"not allowed; {msg.lower()}"
         got = e.get("input")
@@ -447,7 +509,7 @@ def parse_run_config(raw: dict[str, Any], source: str = "recipe") -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source, model=RunConfig)) from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

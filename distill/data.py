@@ -7,12 +7,14 @@ per batch on float images (`distill.augment`), where crop boxes can be recorded 
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from distill.config import DataConfig
 from distill.errors import DataError
@@ -55,9 +57,13 @@ class ImageSet(Dataset):
 
 
 class ImageFolderSet(ImageSet):
-    """`root/<class>/<image>` read lazily with PIL, resized (short side) and centre-cropped to S."""
+    """`root/<class>/<image>` read lazily with PIL, resized (short side) and centre-cropped to S.
+    A file that does not decode raises a DataError naming it, or (`on_bad_image="skip"`) yields
+    None — `collate_skipping` drops it from its batch — and is counted in `skipped`, shared with
+    the DataLoader's worker processes."""
 
-    def __init__(self, root: Path, image_size: int, channels: int, class_names: tuple[str, ...] | None = None):
+    def __init__(self, root: Path, image_size: int, channels: int, class_names: tuple[str, ...] | None = None,
+                 on_bad_image: str = "error"):
         classes = sorted(p.name for p in root.iterdir() if p.is_dir())
         if not classes:
             raise DataError(f"{root}: no class folders (expected {root}/<class>/<image>)")
@@ -65,16 +71,36 @@ class ImageFolderSet(ImageSet):
             raise DataError(f"{root}: class folders {classes} differ from the training classes {list(class_names)}")
         self.files: list[Path] = []
         targets = []
+        empty = []
         for c, name in enumerate(classes):
             files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            empty += [name] * (not files)
             self.files += files
             targets += [c] * len(files)
-        if not self.files:
-            raise DataError(f"{root}: no images with suffix {sorted(IMAGE_SUFFIXES)}")
+        if empty:
+            raise DataError(f"{root}: class folder(s) {empty[:8]} hold no images with suffix {sorted(IMAGE_SUFFIXES)}; "
+                            f"every class needs images (remove the folder, or add its images)")
         self.targets, self.class_names = torch.tensor(targets), tuple(classes)
-        self._size, self._channels = image_size, channels
+        self._size, self._channels, self.on_bad_image = image_size, channels, on_bad_image
+        self._skipped = multiprocessing.Value("i", 0)  # inherited by forked DataLoader workers
+
+    @property
+    def skipped(self) -> int:
+        """Files left out so far because they did not decode (`on_bad_image: skip`)."""
+        return self._skipped.value
 
     def __getitem__(self, i: int):
+        try:
+            return self._decode(i), self.targets[i], i
+        except (OSError, ValueError, SyntaxError) as err:  # what PIL raises for broken/unknown files
+            if self.on_bad_image == "error":
+                raise DataError(f"{self.files[i]}: cannot be decoded as an image ({err}); fix or remove the file, or "
+                                f"set data.on_bad_image: skip to leave such files out (counted in the report)") from None
+            with self._skipped.get_lock():
+                self._skipped.value += 1
+            return None
+
+    def _decode(self, i: int) -> torch.Tensor:
         from PIL import Image  # only image files need it
 
         with Image.open(self.files[i]) as im:
@@ -85,7 +111,7 @@ class ImageFolderSet(ImageSet):
             left, top = (im.size[0] - self._size) // 2, (im.size[1] - self._size) // 2
             im = im.crop((left, top, left + self._size, top + self._size))
             arr = np.asarray(im, dtype=np.uint8).reshape(self._size, self._size, self._channels)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1), self.targets[i], i
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
     @property
     def channels(self) -> int:
@@ -101,6 +127,12 @@ class ImageFolderSet(ImageSet):
             h.update(f"{f.name}:{t}:{f.stat().st_size}\n".encode())
         h.update(f"{self._size}:{self._channels}".encode())
         return h.hexdigest()[:16]
+
+
+def collate_skipping(items: list) -> Any:
+    """`default_collate` without the items a dataset skipped (None); None when all were."""
+    kept = [x for x in items if x is not None]
+    return default_collate(kept) if kept else None
 
 
 def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -119,6 +151,10 @@ def _as_nchw_uint8(x: np.ndarray, name: str, source: str) -> torch.Tensor:
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise DataError(f"{source}: {name} has shape {x.shape}; expected [N, H, W], [N, H, W, C] or [N, C, H, W] with C in 1, 3")
     if x.dtype != np.uint8:
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+            bad = np.argwhere(~np.isfinite(x.reshape(len(x), -1)).all(1)).flatten()
+            raise DataError(f"{source}: {name} holds non-finite pixels (NaN/inf) in {len(bad)} image(s), e.g. index "
+                            f"{bad[:5].tolist()}; fix or drop them")
         if np.issubdtype(x.dtype, np.floating) and x.min() >= 0 and x.max() <= 1:
             x = np.round(x * 255)
         elif x.min() < 0 or x.max() > 255:
@@ -158,6 +194,10 @@ def load_npz_sets(path: Path, image_size: int, splits: tuple[str, ...] = ("train
     names = tuple(str(c) for c in z["class_names"]) if "class_names" in z.files else tuple(str(i) for i in range(n))
     if len(names) < n or low < 0:
         raise DataError(f"{path}: labels span [{low}, {n - 1}] but there are {len(names)} class names")
+    unseen = sorted(set(np.unique(ys["test"]).tolist()) - set(np.unique(ys["train"]).tolist()))
+    if unseen:
+        raise DataError(f"{path}: y_test holds label(s) {unseen[:8]} that y_train never contains; a model trained here "
+                        f"could not predict them (fix the labels, or add training images of those classes)")
     sets = []
     for split in splits:
         x, y = _as_nchw_uint8(np.asarray(z[f"x_{split}"]), f"x_{split}", str(path)), ys[split]
@@ -167,12 +207,13 @@ def load_npz_sets(path: Path, image_size: int, splits: tuple[str, ...] = ("train
     return sets
 
 
-def load_imagefolder_sets(root: Path, image_size: int, channels: int) -> tuple[ImageFolderSet, ImageFolderSet]:
+def load_imagefolder_sets(root: Path, image_size: int, channels: int,
+                          on_bad_image: str = "error") -> tuple[ImageFolderSet, ImageFolderSet]:
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
         raise DataError(f"{root}: an ImageFolder root holds train/ and val/ (or test/), each with one folder per class")
-    train = ImageFolderSet(root / "train", image_size, channels)
-    return train, ImageFolderSet(test_dir, image_size, channels, train.class_names)
+    train = ImageFolderSet(root / "train", image_size, channels, on_bad_image=on_bad_image)
+    return train, ImageFolderSet(test_dir, image_size, channels, train.class_names, on_bad_image)
 
 
 def data_config_for(spec: str, image_size: int, channels: int) -> DataConfig:
@@ -193,7 +234,7 @@ def load_data(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
     elif cfg.source == "npz":
         train, test = load_npz_sets(cfg.path, cfg.image_size)
     else:
-        return load_imagefolder_sets(cfg.path, cfg.image_size, cfg.channels or 3)
+        return load_imagefolder_sets(cfg.path, cfg.image_size, cfg.channels or 3, cfg.on_bad_image)
     if cfg.channels and cfg.channels != train.channels:
         train, test = (_convert_channels(s, cfg.channels) for s in (train, test))
     if cfg.train_limit:

@@ -15,4 +15,9 @@ class ArtefactError(ValueError):
     """A file on disk is missing, corrupted or does not belong to this job; the message names it."""
 
 
+class TrainingError(RuntimeError):
+    """Training stopped (e.g. a non-finite loss); the last good checkpoint is intact. The message
+    names the step, the loss terms and how to resume."""
+
+
 USER_ERRORS = (ConfigError, DataError, ArtefactError)

@@ -8,6 +8,7 @@ channels, mean/std) so models with different preprocessing share one batch of [0
 from __future__ import annotations
 
 import difflib
+import pickle
 from pathlib import Path
 from typing import Any, Callable
 
@@ -141,9 +142,25 @@ def load_weights(model: ImageClassifier, path: str | Path) -> None:
     if path.suffix == ".safetensors":
         state, _ = load_tensors(path)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise ArtefactError(f"{path}: holds pickled Python objects besides tensors, which are not loaded (they "
+                                f"could run code); save its state_dict as safetensors (safetensors.torch.save_file) "
+                                f"where you trust it, and point the recipe at that file") from None
+        except (RuntimeError, EOFError, OSError) as err:
+            raise ArtefactError(f"{path}: not a readable PyTorch checkpoint ({str(err).splitlines()[0]})") from None
         state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ArtefactError(f"{path}: not a state dict of tensors (got {type(state).__name__})")
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.net.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (the model's {tuple(own[k].shape)})" for k, v in state.items()
+             if k in own and own[k].shape != v.shape]
+    if wrong:
+        raise ArtefactError(f"{path}: weights do not fit {model.arch} for {model.num_classes} classes, "
+                            f"{model.in_chans} channels: {'; '.join(wrong[:3])}; train or convert weights for this "
+                            f"data, or check the recipe's model and data")
     missing, unexpected = model.net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ArtefactError(f"{path}: weights do not fit {model.arch}: missing {missing[:5]}, unexpected {unexpected[:5]}")

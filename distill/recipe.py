@@ -50,7 +50,8 @@ def parse_config(raw: dict[str, Any], source: str = "recipe") -> RunConfig:
     try:
         labeling = create_labeling(name, cfg.labels.options if cfg.labels is not None else None)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source, prefix="labels")) from None
+        raise ConfigError(format_validation_error(err, source, prefix="labels",
+                                                  model=LABELERS.get(name).Options)) from None
     try:
         labeling.check(cfg)
     except ValueError as err:
@@ -81,7 +82,7 @@ def parse_synth_config(raw: dict[str, Any], source: str = "recipe") -> SynthConf
     try:
         method.Options.model_validate(cfg.options)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source, prefix="options")) from None
+        raise ConfigError(format_validation_error(err, source, prefix="options", model=method.Options)) from None
     if method.needs_teachers:
         if not cfg.teachers:
             raise _problem(source, "teachers", f"the images of method {cfg.method} need trained teachers: set "

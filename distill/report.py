@@ -88,5 +88,7 @@ def write_run_report(run_dir: Path, cfg, history: list[dict[str, Any]], final: d
             f"teacher queries {final['teacher_queries']} ({final['teacher_seconds']:.1f} s in teachers)", "",
             "![curves](curves.png)", "",
             markdown_table(["epoch", "train loss", "top-1", "top-5", "seconds", "teacher queries"], rows), ""]
+    if final.get("bad_images_skipped"):
+        text.insert(5, f"- undecodable training images skipped (data.on_bad_image: skip): {final['bad_images_skipped']}")
     text += list(sections)
     write_text(run_dir / "report.md", "\n".join(text))

@@ -11,7 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from distill.artefacts import write_text
+import torch
+
+from distill.artefacts import ensure_writable, write_text
 from distill.augment import RandomCrops
 from distill.config import RunConfig, dump_config
 from distill.data import ImageSet, load_data
@@ -43,6 +45,18 @@ def final_record(history: list[dict[str, Any]], labeler, backend) -> dict[str, A
             "teacher_seconds_by_teacher": {k: backend.reduce_sum(v) for k, v in labeler.cost.seconds.items()}}
 
 
+def preflight(cfg: RunConfig, data: tuple[ImageSet, ImageSet] | None = None
+              ) -> tuple[torch.device, ImageSet, ImageSet]:
+    """What `train` checks before any compute, and all `distill validate` runs: the device and
+    precision exist here, the data loads as the recipe says (arrays, labels, class folders), the
+    checkpoints' headers fit its classes."""
+    device = rank_device(resolve_device(cfg.device), cfg.trainer.backend)  # cuda:LOCAL_RANK under a launcher
+    check_precision(cfg.precision, device)
+    train_set, test_set = data or load_data(cfg.data)
+    check_checkpoints(cfg, train_set.num_classes)
+    return device, train_set, test_set
+
+
 def train(cfg: RunConfig | str | Path | dict, data: tuple[ImageSet, ImageSet] | None = None) -> RunResult:
     """Train the recipe's student (a path, a mapping or a parsed `RunConfig`)."""
     cfg = as_run_config(cfg)
@@ -51,19 +65,17 @@ def train(cfg: RunConfig | str | Path | dict, data: tuple[ImageSet, ImageSet] | 
     result = labeling.run_job(cfg, data)
     if result is not None:
         return result
-    device = rank_device(resolve_device(cfg.device), cfg.trainer.backend)  # cuda:LOCAL_RANK under a launcher
-    check_precision(cfg.precision, device)
-    train_set, test_set = data or load_data(cfg.data)
-    check_checkpoints(cfg, train_set.num_classes)
-
+    device, train_set, test_set = preflight(cfg, data)
     step = create_step(cfg, train_set)
     backend = create_backend(cfg, step, device)
     labeler = labeling.build(LabelContext(train_set, device, training_views(cfg, backend),
                                           lambda: build_pool(cfg, train_set, device), cfg))
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg, step, backend, train_set, test_set, labeler, cfg.run_dir)
+    trainer.check_resume()  # refused before anything is written (another recipe's run directory)
+    ensure_writable(cfg.run_dir, "out_dir")
     if backend.is_main:
         write_text(cfg.run_dir / "config.yaml", dump_config(cfg))
-    history = Trainer(cfg, step, backend, train_set, test_set, labeler, cfg.run_dir).fit()
+    history = trainer.fit()
     final = {**final_record(history, labeler, backend), **labeling.summary(labeler)}
     if backend.is_main:
         write_run_report(cfg.run_dir, cfg, history, final, labeling.describe(cfg), labeling.report(final))

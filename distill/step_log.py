@@ -27,15 +27,22 @@ def _finite(v: float) -> float | None:
 class StepLog:
     def __init__(self, run_dir: Path, every_steps: int = 10, tensorboard: bool = False, enabled: bool = True):
         self.path, self.every, self.enabled = Path(run_dir) / STEPS_FILE, every_steps, enabled
-        self.writer = None
+        self.writer, self._file, self._tensorboard_dir = None, None, None
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # optional: needs the tensorboard package
             except ImportError as err:
                 raise ConfigError(f"log.tensorboard: true needs the tensorboard package ({err}); "
                                   f"pip install 'distill[tensorboard]', or set log.tensorboard: false") from None
-            self.writer = SummaryWriter(str(Path(run_dir) / TENSORBOARD_DIR))
-        self._file = None
+            self._writer_class, self._tensorboard_dir = SummaryWriter, Path(run_dir) / TENSORBOARD_DIR
+
+    def _open(self) -> None:
+        """Files are created on the first row, so a refused run writes nothing."""
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a")
+        if self._tensorboard_dir is not None and self.writer is None:
+            self.writer = self._writer_class(str(self._tensorboard_dir))
 
     def due(self, step: int, last_of_epoch: bool) -> bool:
         return self.enabled and (step % self.every == 0 or last_of_epoch)
@@ -49,9 +56,7 @@ class StepLog:
 
     def step(self, epoch: int, step: int, scalars: dict[str, float]) -> None:
         """One row: `epoch` counts from 1, `step` is the run's micro-step counter."""
-        if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a")
+        self._open()
         row = {"epoch": epoch, "step": step, **{k: _finite(float(v)) for k, v in scalars.items()}}
         self._file.write(json.dumps(row) + "\n")
         if self.writer is not None:
@@ -61,8 +66,10 @@ class StepLog:
 
     def epoch(self, step: int, record: dict[str, Any]) -> None:
         """The epoch's record (test accuracy, epoch loss, ...) as TensorBoard scalars at `step`."""
-        if self._file is not None:
-            self._file.flush()
+        if not self.enabled:
+            return
+        self._open()
+        self._file.flush()
         if self.writer is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and k != "epoch":

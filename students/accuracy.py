@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from distill.data import collate_skipping
+
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, data: Dataset, batch_size: int = 256, device: str | torch.device = "cpu",
@@ -12,9 +14,12 @@ def evaluate(model: torch.nn.Module, data: Dataset, batch_size: int = 256, devic
     model.eval()
     correct1 = correct5 = n = 0
     loss = 0.0
-    loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers,
+    loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skipping,
                         pin_memory=torch.device(device).type == "cuda")
-    for images, targets, _ in loader:
+    for batch in loader:
+        if batch is None:  # every image of it failed to decode (data.on_bad_image: skip)
+            continue
+        images, targets, _ = batch
         images, targets = images.to(device).float() / 255, targets.to(device)
         logits = model(images).float()
         loss += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()

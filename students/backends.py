@@ -82,6 +82,18 @@ class PlainBackend:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss / self.grad_accum).backward()  # the mean over the accumulation window
 
+    def grads_finite(self) -> bool:
+        """At the last micro-step of a window: are the accumulated gradients finite? (fp16: the
+        GradScaler skips overflowing steps itself, so they count as finite.)"""
+        if (self._micro + 1) % self.grad_accum or self.scaler.is_enabled():
+            return True
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        return not grads or bool(torch.isfinite(torch.stack([torch.linalg.vector_norm(g) for g in grads])).all())
+
+    def discard(self) -> None:
+        """Drop this window's gradients without stepping (on_nonfinite: skip_step)."""
+        self.optimizer.zero_grad(set_to_none=True)
+
     def step(self) -> None:
         self._micro += 1
         if self._micro % self.grad_accum:

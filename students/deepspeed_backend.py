@@ -108,6 +108,14 @@ class DeepSpeedBackend:
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)  # scales by 1/grad_accum; reduces gradients at the boundary
 
+    def grads_finite(self) -> bool:
+        """ZeRO partitions gradients across ranks: the trainer checks the loss before backward and
+        the weights after each step instead (a non-finite gradient shows there)."""
+        return True
+
+    def discard(self) -> None:
+        """Nothing to drop: a skipped step never ran backward (skip_step needs grad_accum 1)."""
+
     def step(self) -> None:
         self.engine.step()  # steps and zeroes at accumulation boundaries only
 

@@ -49,7 +49,8 @@ class DistillStep(nn.Module):
         probs, kept = soft.probs, logits
         if soft.mask is not None:  # label sources may discard rows (e.g. FerKD)
             probs, kept = probs[soft.mask], logits[soft.mask]
-        kd = self.kd_loss(kept, probs, self.cfg.temperature)
+        # a batch whose every row was discarded teaches nothing: a zero (not the NaN of an empty mean)
+        kd = self.kd_loss(kept, probs, self.cfg.temperature) if len(kept) else logits.sum() * 0.0
         terms["kd"] = kd
         loss = kd
         if self.cfg.hard_ce > 0:

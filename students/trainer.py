@@ -10,7 +10,6 @@ checkpoints go through the backend (collective), so the loop is the same for eve
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from itertools import islice
@@ -20,11 +19,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from distill.artefacts import write_text
-from distill.config import RunConfig
-from distill.data import ImageSet
+from distill.artefacts import strict_json, write_text
+from distill.config import RESUMABLE, RunConfig
+from distill.data import ImageSet, collate_skipping
 from distill.distributed import ShardedSampler, micro_batch
-from distill.errors import ArtefactError, ConfigError
+from distill.errors import ArtefactError, ConfigError, TrainingError
 from distill.models import save_model
 from distill.progress import Progress, say
 from distill.step_log import StepLog
@@ -56,7 +55,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.ckpt_path = self.run_dir / "checkpoints" / "last.safetensors"
         self.history: list[dict[str, Any]] = []
-        self.start_epoch, self.global_step = 0, 0
+        self.start_epoch, self.global_step, self.skipped = 0, 0, 0
         log = cfg.log
         self.steps = StepLog(self.run_dir, log.every_steps, log.tensorboard, enabled=backend.is_main)
 
@@ -89,7 +88,8 @@ class Trainer:
         gen = torch.Generator().manual_seed(seed_for(self.cfg.seed, epoch))
         loader = DataLoader(self.train_set, batch_size=micro_batch(cfg.batch_size, b.world_size, b.grad_accum),
                             sampler=ShardedSampler(len(self.train_set), b.rank, b.world_size, gen),
-                            generator=gen, num_workers=cfg.num_workers, drop_last=len(self.train_set) > cfg.batch_size)
+                            generator=gen, num_workers=cfg.num_workers, drop_last=len(self.train_set) > cfg.batch_size,
+                            collate_fn=collate_skipping)
         micro_steps = len(loader) // b.grad_accum * b.grad_accum  # the backend's accumulation: it steps per window
         if micro_steps == 0:
             raise ConfigError(f"trainer.grad_accum {b.grad_accum}: {len(self.train_set)} training images do not fill "
@@ -103,7 +103,10 @@ class Trainer:
         bar = Progress(islice(loader, micro_steps), total=micro_steps, desc=f"{self.cfg.name} {epoch + 1}/{cfg.epochs}",
                        unit="step", leave=False, enabled=b.is_main)
         ready = time.perf_counter()
-        for images, targets, index in bar:
+        for loaded_batch in bar:
+            if loaded_batch is None:  # every image of it failed to decode (data.on_bad_image: skip)
+                continue
+            images, targets, index = loaded_batch
             if optim.warmup_steps and self.global_step % b.grad_accum == 0:  # a new optimiser step
                 b.set_lr(epoch_lr * warmup_factor(optim, self.global_step // b.grad_accum))
             loaded, teacher_s = time.perf_counter(), self.labeler.cost.total_seconds
@@ -111,9 +114,20 @@ class Trainer:
             batch = self.labeler(images, targets, index, epoch, gen)
             with b.autocast():
                 terms = b.module(batch.images, batch.targets, batch.soft)
-            b.backward(terms["loss"])
-            b.step()
             values = {k: v.item() for k, v in terms.items()}
+            if b.reduce_sum(0.0 if all(map(math.isfinite, values.values())) else 1.0):  # every rank agrees
+                self.nonfinite("loss", epoch, steps, values)
+                self.global_step, ready = self.global_step + 1, time.perf_counter()
+                continue
+            b.backward(terms["loss"])
+            if not b.grads_finite():
+                b.discard()
+                self.nonfinite("gradient", epoch, steps, values)
+                self.global_step, ready = self.global_step + 1, time.perf_counter()
+                continue
+            b.step()
+            if (self.global_step + 1) % b.grad_accum == 0 and not self.weights_finite():
+                self.nonfinite("weight after the optimiser step", epoch, steps, values, can_skip=False)
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
             steps, seen = steps + 1, seen + len(images)
@@ -126,11 +140,33 @@ class Trainer:
                     "teacher_seconds": self.labeler.cost.total_seconds - teacher_s, **gpu_memory(dev)})
             self.global_step, ready = self.global_step + 1, done
         seconds = time.perf_counter() - start
-        return {"epoch": epoch + 1, "lr": b.optimizer.param_groups[0]["lr"],
+        return {"epoch": epoch + 1, "lr": b.optimizer.param_groups[0]["lr"], "skipped_steps": self.skipped,
                 **{f"train_{k}": b.reduce_mean(v / max(steps, 1)) for k, v in sums.items()},
                 "epoch_seconds": seconds, "images_per_second": b.reduce_sum(seen) / seconds,
                 "teacher_queries": b.reduce_sum(self.labeler.cost.total_queries),
-                "teacher_seconds": b.reduce_sum(self.labeler.cost.total_seconds)}
+                "teacher_seconds": b.reduce_sum(self.labeler.cost.total_seconds),
+                **({"bad_images_skipped": self.train_set.skipped} if hasattr(self.train_set, "skipped") else {})}
+
+    def nonfinite(self, what: str, epoch: int, step: int, values: dict[str, float], can_skip: bool = True) -> None:
+        """A non-finite loss/gradient/weight at this step: skip it (on_nonfinite: skip_step, while
+        the budget lasts) or stop with the run's last good checkpoint intact (TrainingError)."""
+        cfg, terms = self.cfg.trainer, ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+        where = f"epoch {epoch + 1}, step {step + 1} of the epoch (run step {self.global_step})"
+        if can_skip and cfg.on_nonfinite == "skip_step" and self.skipped < cfg.max_skipped_steps:
+            self.skipped += 1
+            say(f"[{self.cfg.name}] non-finite {what} at {where} ({terms}): step skipped "
+                f"({self.skipped}/{cfg.max_skipped_steps} allowed, trainer.max_skipped_steps)")
+            return
+        saved = (f"the last good checkpoint {self.ckpt_path} (after epoch {len(self.history)}) is intact"
+                 if self.ckpt_path.is_file() else "no epoch had finished, so nothing was saved")
+        raise TrainingError(
+            f"{self.cfg.name}: non-finite {what} at {where}: {terms}. Training stopped; {saved}. Fix the cause (e.g. "
+            f"optim.lr=<lower>, trainer.grad_clip=1.0, precision=fp32, or trainer.on_nonfinite=skip_step) and rerun "
+            f"the same command with those overrides: it resumes from that checkpoint (resumable keys: docs/errors.md)")
+
+    def weights_finite(self) -> bool:
+        return bool(torch.isfinite(torch.stack([torch.linalg.vector_norm(p.detach().float())
+                                                for p in self.step.parameters()])).all())
 
     def evaluate(self) -> dict[str, float]:
         """Each rank scores its interleaved share of the test set; per-image sums are reduced."""
@@ -144,23 +180,34 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoint / resume
     def save_checkpoint(self, epochs_done: int) -> None:
         """Through the backend (every rank calls it: a DeepSpeed checkpoint is collective)."""
-        state = {"epochs_done": epochs_done, "history": self.history,
+        state = {"epochs_done": epochs_done, "history": self.history, "skipped_steps": self.skipped,
                  "cost": {"queries": self.labeler.cost.queries, "seconds": self.labeler.cost.seconds}}
-        self.backend.save_checkpoint(self.ckpt_path, state, {"config_hash": self.cfg.hash(), "epochs_done": epochs_done})
+        self.backend.save_checkpoint(self.ckpt_path, state, {"config_hash": self.cfg.hash(), "epochs_done": epochs_done,
+                                                             "resume_hash": self.cfg.resume_hash()})
         if self.backend.is_main:
             self._write_metrics()
 
-    def maybe_resume(self) -> None:
+    def check_resume(self) -> dict[str, Any] | None:
+        """The checkpoint's header, refused (writing nothing) when another recipe wrote it; keys in
+        `distill.config.RESUMABLE` (epochs, lr, clipping, ...) may differ."""
         meta = self.backend.checkpoint_meta(self.ckpt_path)
         if meta is None:
+            return None
+        ours, theirs = (self.cfg.resume_hash(), meta["resume_hash"]) if "resume_hash" in meta else \
+            (self.cfg.hash(), meta.get("config_hash"))
+        if ours != theirs:
+            raise ArtefactError(
+                f"{self.ckpt_path}: written by a different recipe (hash {theirs} != {ours}; a resume may change only "
+                f"{', '.join(RESUMABLE)}); use another `name`/`out_dir`, or delete the run directory to start over")
+        return meta
+
+    def maybe_resume(self) -> None:
+        if self.check_resume() is None:
             self.steps.resume(0)
             return
-        if meta.get("config_hash") != self.cfg.hash():
-            raise ArtefactError(
-                f"{self.ckpt_path}: written by a different recipe (config hash {meta.get('config_hash')} != "
-                f"{self.cfg.hash()}); use another `name`/`out_dir`, or delete the run directory to start over")
         state = self.backend.load_checkpoint(self.ckpt_path)
         self.start_epoch, self.history = state["epochs_done"], state["history"]
+        self.skipped = state.get("skipped_steps", 0)
         self.labeler.cost.queries.update(state["cost"]["queries"])  # rank 0's; ranks query alike
         self.labeler.cost.seconds.update(state["cost"]["seconds"])
         self.steps.resume(self.start_epoch)
@@ -171,4 +218,4 @@ class Trainer:
     def _write_metrics(self) -> None:
         """metrics.jsonl is rewritten whole from the checkpointed history, so it never holds an
         epoch that a resume will run again."""
-        write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+        write_text(self.run_dir / "metrics.jsonl", "".join(strict_json(r) + "\n" for r in self.history))

@@ -263,4 +263,4 @@ def parse_synth_structure(raw: dict[str, Any], source: str = "recipe") -> SynthC
     try:
         return SynthConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source, model=SynthConfig)) from None
