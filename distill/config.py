@@ -94,7 +94,8 @@ class ModelConfig(Strict):
     (safetensors written by this engine or a user's; `.pt/.pth` read with `weights_only=True`)."""
 
     model: str
-    checkpoint: CheckpointFile | None = None
+    checkpoint: CheckpointFile | None = None  # ours (with metadata) or a user's timm weights (timm's loader)
+    pretrained: bool = False  # timm's hub weights for `model` (needs the network; a local checkpoint is the offline way)
     name: str | None = None  # display name; default: the model name
     input_size: int | None = None  # None: the data's image size
     mean: tuple[float, ...] | None = None  # None: from the checkpoint's metadata, else 0.5
@@ -107,6 +108,12 @@ class ModelConfig(Strict):
         if not is_known_model(v):
             raise ValueError(f"unknown model {v!r}; allowed: any timm model name or {suggest_models(v)}")
         return v
+
+    @model_validator(mode="after")
+    def _one_weights_source(self) -> "ModelConfig":
+        if self.pretrained and self.checkpoint is not None:
+            raise ValueError("set checkpoint (a local file) or pretrained: true (timm's hub weights), not both")
+        return self
 
     @property
     def display_name(self) -> str:
@@ -183,6 +190,9 @@ class PoolConfig(Strict):
     score_k: int = Field(5, ge=1)  # kNN neighbours, or linear-probe folds
     labelled: int = Field(0, ge=0)  # labelled target images (a seeded subset of the training set)
     heads: Literal["foreign", "all"] = "foreign"  # which teachers are read through a fitted target head
+    # how teachers run: autocast at `precision` (None: the run's), channels_last memory format
+    precision: Literal["fp32", "bf16", "fp16"] | None = None
+    channels_last: bool = True
     confidence_targets: bool = False  # confidence weighting: use the batch's true labels where given
 
     @model_validator(mode="before")
@@ -271,6 +281,7 @@ class TrainerConfig(Strict):
     # recipe keys taken from a stock DeepSpeed config's sections → the DeepSpeed key (distill.deepspeed_config)
     from_deepspeed: dict[str, str] = {}
     checkpoint_every: int = Field(1, ge=1)  # epochs
+    compile: bool = False  # torch.compile the student and the teachers (in place; first steps compile)
     # a non-finite loss or gradient: `stop` (name the step, keep the last good checkpoint, exit 3) or
     # `skip_step` (drop that optimiser step; at most `max_skipped_steps` per run, then stop)
     on_nonfinite: Literal["stop", "skip_step"] = "stop"

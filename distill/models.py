@@ -8,6 +8,7 @@ channels, mean/std) so models with different preprocessing share one batch of [0
 from __future__ import annotations
 
 import difflib
+import logging
 import pickle
 from pathlib import Path
 from typing import Any, Callable
@@ -47,16 +48,93 @@ def suggest_models(name: str) -> str:
     return f"one of the engine's ({own})" + (f"; did you mean {', '.join(close)}?" if close else "")
 
 
-def build_network(name: str, num_classes: int, in_chans: int, image_size: int, drop_rate: float = 0.0) -> nn.Module:
+def build_network(name: str, num_classes: int, in_chans: int, image_size: int, drop_rate: float = 0.0,
+                  weights: dict[str, torch.Tensor] | None = None, pretrained: bool = False) -> nn.Module:
+    """An engine architecture, or a timm model. `weights` (a state dict) or `pretrained` (timm's hub
+    weights; needs the network) load through timm's own pretrained path: its key filter, input-channel
+    adaptation, and a classifier reset when the class count differs from the weights'."""
     if name in MODELS:
         return MODELS.get(name)(num_classes=num_classes, in_chans=in_chans, image_size=image_size, drop_rate=drop_rate)
     import timm  # heavy (imports torchvision): loaded when a model is named
 
     kwargs: dict[str, Any] = dict(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
-    try:  # ViT-style models fix their position embeddings to img_size at construction
-        return timm.create_model(name, pretrained=False, img_size=image_size, **kwargs)
-    except TypeError:  # the architecture takes any input size
-        return timm.create_model(name, pretrained=False, **kwargs)
+    if weights is not None:
+        kwargs |= dict(pretrained=True, pretrained_cfg_overlay=dict(state_dict=weights,
+                                                                    num_classes=_head_size(name, weights)))
+    elif pretrained:
+        kwargs["pretrained"] = True
+    with _TimmLoadReport(_heads(name)) as report:
+        try:  # ViT-style models fix their position embeddings to img_size at construction
+            net = timm.create_model(name, img_size=image_size, **kwargs)
+        except TypeError:  # the architecture takes any input size
+            net = timm.create_model(name, **kwargs)
+    if report.problems:  # timm loads non-strictly once it resets a head: anything else missing is a misfit
+        raise RuntimeError("; ".join(report.problems))
+    return net
+
+
+class _TimmLoadReport(logging.Handler):
+    """timm's own account of a pretrained load (missing keys besides the reset head, unexpected
+    keys), read from its log while it builds a model."""
+
+    def __init__(self, heads: list[str]):
+        super().__init__(logging.INFO)
+        self.problems: list[str] = []
+        self.heads = set(heads)  # the classifier timm resets for another class count: missing by design
+        self.logger = logging.getLogger("timm.models._builder")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Missing keys") or message.startswith("Unexpected keys"):
+            keys = message.split("(", 1)[1].split(")", 1)[0].split(", ")
+            heads = {"weight", "bias"}
+            real = [k for k in keys if not (message.startswith("Missing") and k.rsplit(".", 1)[-1] in heads
+                                            and k.rsplit(".", 1)[0] in self.heads)]
+            if real:
+                self.problems.append(f"{message.split(' (', 1)[0].lower()} {real[:5]}")
+
+    def __enter__(self) -> "_TimmLoadReport":
+        self.level = self.logger.level
+        self.logger.setLevel(logging.INFO)
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level)
+
+
+def _heads(name: str) -> list[str]:
+    """The classifier module(s) of a timm architecture (its pretrained_cfg's `classifier`)."""
+    import timm  # heavy (imports torchvision): loaded when a model is named
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    heads = cfg.classifier if cfg is not None else None
+    return [heads] if isinstance(heads, str) else list(heads or [])
+
+
+def _head_size(name: str, weights: dict[str, torch.Tensor]) -> int:
+    """Classes of the weights' classifier (timm resets the head when the model's count differs)."""
+    import timm  # heavy (imports torchvision): loaded when a model is named
+
+    for head in _heads(name):
+        if f"{head}.weight" in weights:
+            return int(weights[f"{head}.weight"].shape[0])
+    cfg = timm.models.get_pretrained_cfg(name)
+    return cfg.num_classes if cfg is not None else 1000
+
+
+def timm_preprocessing(name: str) -> dict[str, Any]:
+    """A timm architecture's `pretrained_cfg` preprocessing (mean, std, input size, crop_pct,
+    interpolation); empty for engine architectures or names timm has no config for."""
+    if name in MODELS:
+        return {}
+    import timm  # heavy (imports torchvision): loaded when a model is named
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        return {}
+    return {k: getattr(cfg, k) for k in ("mean", "std", "input_size", "crop_pct", "interpolation")}
 
 
 class ImageClassifier(nn.Module):
@@ -108,12 +186,15 @@ def _per_channel(v: tuple[float, ...], n: int) -> list[float]:
 
 def create_model(arch: str, num_classes: int, in_chans: int, input_size: int, class_names: tuple[str, ...],
                  mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
-                 drop_rate: float = 0.0, checkpoint: str | Path | None = None) -> ImageClassifier:
-    """Build a classifier; with `checkpoint`, load its weights (and take its preprocessing from the
-    engine's metadata when the recipe does not set it). Shapes are checked: a checkpoint for another
-    class count is refused with both counts named."""
+                 drop_rate: float = 0.0, checkpoint: str | Path | None = None, pretrained: bool = False) -> ImageClassifier:
+    """Build a classifier. A checkpoint this engine wrote brings its preprocessing and must fit
+    (class count, architecture). Any other checkpoint of a timm architecture (a user's timm
+    weights), or `pretrained` (timm's hub weights), goes through timm's pretrained loader — a head
+    for another class count is reset, as timm does — and mean/std come from the architecture's
+    `pretrained_cfg` unless the recipe sets them. Other mismatches are refused naming the file."""
     meta: dict[str, Any] = read_checkpoint_header(checkpoint) if checkpoint else {}
-    if meta.get("format") == CHECKPOINT_FORMAT:
+    engine = meta.get("format") == CHECKPOINT_FORMAT
+    if engine:
         if meta["model"] != arch:
             raise ArtefactError(f"{checkpoint}: holds a {meta['model']!r}, the recipe asks for {arch!r}")
         if meta["num_classes"] != num_classes:
@@ -122,6 +203,21 @@ def create_model(arch: str, num_classes: int, in_chans: int, input_size: int, cl
         input_size = meta["input_size"]
         mean = mean or tuple(meta["mean"])
         std = std or tuple(meta["std"])
+    through_timm = arch not in MODELS and ((checkpoint and not engine) or pretrained)
+    if through_timm:
+        pre = timm_preprocessing(arch)
+        mean, std = mean or pre.get("mean"), std or pre.get("std")
+        weights = read_weights(checkpoint) if checkpoint else None
+        try:
+            net = build_network(arch, num_classes, in_chans, input_size, drop_rate, weights, pretrained)
+        except RuntimeError as err:  # timm's strict load: keys or shapes of another architecture
+            raise ArtefactError(f"{checkpoint or arch + ' (hub weights)'}: weights do not fit {arch} for {num_classes} "
+                                f"classes, {in_chans} channels: {str(err).splitlines()[0]}") from None
+        except OSError as err:  # hub weights where there is no network
+            raise ArtefactError(f"{arch}: pretrained weights could not be downloaded ({str(err).splitlines()[0]}); "
+                                f"give a local checkpoint file instead (checkpoint: PATH)") from None
+        return ImageClassifier(net, arch, num_classes, in_chans, input_size, mean or (0.5,), std or (0.5,),
+                               class_names)
     net = build_network(arch, num_classes, in_chans, input_size, drop_rate)
     model = ImageClassifier(net, arch, num_classes, in_chans, input_size, mean or (0.5,), std or (0.5,), class_names)
     if checkpoint:
@@ -136,8 +232,9 @@ def read_checkpoint_header(path: str | Path) -> dict[str, Any]:
     return {}
 
 
-def load_weights(model: ImageClassifier, path: str | Path) -> None:
-    """Engine or user checkpoints: safetensors (preferred) or `.pt/.pth` read with weights_only=True."""
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors (preferred) or `.pt/.pth` read with weights_only=True (no
+    pickled code runs); `module.` prefixes (DataParallel) dropped."""
     path = Path(path)
     if path.suffix == ".safetensors":
         state, _ = load_tensors(path)
@@ -153,7 +250,12 @@ def load_weights(model: ImageClassifier, path: str | Path) -> None:
         state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ArtefactError(f"{path}: not a state dict of tensors (got {type(state).__name__})")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_weights(model: ImageClassifier, path: str | Path) -> None:
+    """Weights that must fit the model exactly (engine checkpoints, engine architectures)."""
+    state = read_weights(path)
     own = model.net.state_dict()
     wrong = [f"{k} {tuple(v.shape)} (the model's {tuple(own[k].shape)})" for k, v in state.items()
              if k in own and own[k].shape != v.shape]

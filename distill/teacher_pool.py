@@ -9,6 +9,7 @@ import torch
 
 from distill.config import ModelConfig, RunConfig
 from distill.data import ImageSet
+from distill.distributed import check_precision
 from distill.errors import ConfigError
 from distill.models import CHECKPOINT_FORMAT, read_checkpoint_header
 from synth.hello import projector_teacher
@@ -58,6 +59,10 @@ def build_pool(cfg: RunConfig, train: ImageSet, device: torch.device, fit: bool 
             teachers.append(create_teacher(t, classes, train.channels, cfg.data.image_size, names))
         else:  # a HeLlO projector (ProjectorTeacherConfig), refused unless fitted for this data
             teachers.append(projector_teacher(t, train.class_names, cfg.data.image_size, train.channels, device))
+    precision = p.precision or cfg.precision
+    check_precision(precision, device)
+    for t in teachers:
+        t.configure(precision, p.channels_last, cfg.trainer.compile)
     pool = EnsemblePool(teachers, p.weights, cfg.loss.temperature, weighting=p.weighting,
                         num_classes=train.num_classes, class_names=train.class_names if p.labelled >= 2 else None,
                         weight_temperature=p.temperature, score=p.score, score_k=p.score_k, heads=p.heads,

@@ -33,8 +33,11 @@ def create_student(cfg: RunConfig, data: ImageSet) -> ImageClassifier:
     """The recipe's student for `data`; its initial weights are a function of `cfg.seed` alone."""
     s = cfg.student
     torch.manual_seed(cfg.seed)
-    return create_model(s.model, data.num_classes, data.channels, s.input_size or cfg.data.image_size,
-                        data.class_names, s.mean, s.std, s.drop_rate, s.checkpoint)
+    model = create_model(s.model, data.num_classes, data.channels, s.input_size or cfg.data.image_size,
+                         data.class_names, s.mean, s.std, s.drop_rate, s.checkpoint, s.pretrained)
+    if cfg.trainer.compile:
+        model.compile()  # in place: checkpoints keep the model's own keys
+    return model
 
 
 def create_step(cfg: RunConfig, data: ImageSet) -> DistillStep:

@@ -90,10 +90,11 @@ def generation_hash(cfg: RunConfig, opts: StoreOptions) -> str:
     """What decides a store's content: data (with its crop parameters), teachers, temperature and
     the generate section. Not the seed or epoch count (both are in the store's spec), so students
     of any seed and any epoch count up to the store's can check that a store fits their recipe."""
-    gen = generate_section(opts).model_dump(mode="json")
-    gen.pop("epochs")
-    ident = {"data": cfg.data.model_dump(mode="json"), "pool": cfg.pool.model_dump(mode="json") if cfg.pool else None,
-             "temperature": cfg.loss.temperature, "generate": gen}
+    gen = generate_section(opts).model_dump(mode="json", exclude_defaults=True)
+    gen.pop("epochs", None)
+    ident = {"data": cfg.data.model_dump(mode="json", exclude_defaults=True),
+             "pool": cfg.pool.model_dump(mode="json", exclude_defaults=True) if cfg.pool else None,
+             "temperature": cfg.loss.temperature, "generate": gen}  # defaults left out: new fields keep old hashes
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -193,10 +193,14 @@ def test_unwritable_output_is_refused_before_compute(tiny_recipe, tmp_path):
 
 def test_checkpoints_that_do_not_fit_are_named_not_tracebacks(tmp_path):
     names = tuple(map(str, range(10)))
-    foreign = create_model("test_resnet", 1000, 1, 16, tuple(map(str, range(1000)))).net.state_dict()
-    torch.save(foreign, tmp_path / "other_head.pth")  # a plain state dict without our metadata
-    with pytest.raises(ArtefactError, match=r"other_head.pth: weights do not fit test_resnet for 10 classes.*1000"):
-        create_model("test_resnet", 10, 1, 16, names, checkpoint=tmp_path / "other_head.pth")
+    other_arch = create_model("test_vit", 10, 1, 16, names).net.state_dict()
+    torch.save(other_arch, tmp_path / "vit.pth")  # a plain state dict of another architecture
+    with pytest.raises(ArtefactError, match=r"vit.pth: weights do not fit test_resnet for 10 classes, 1 channels"):
+        create_model("test_resnet", 10, 1, 16, names, checkpoint=tmp_path / "vit.pth")
+    convnet = create_model("convnet3", 3, 1, 16, ("a", "b", "c")).net.state_dict()  # engine arch: exact fit
+    torch.save(convnet, tmp_path / "convnet3.pth")
+    with pytest.raises(ArtefactError, match=r"convnet3.pth: weights do not fit convnet3 for 10 classes.*\(3, "):
+        create_model("convnet3", 10, 1, 16, names, checkpoint=tmp_path / "convnet3.pth")
 
     torch.save({"weights": Payload()}, tmp_path / "unsafe.pt")
     with pytest.raises(ArtefactError, match="unsafe.pt: holds pickled Python objects .* safetensors") as e:
@@ -224,3 +228,16 @@ def test_validate_runs_the_jobs_preflight(tiny_recipe, tmp_path, capsys):
 def test_unknown_keys_name_the_allowed_ones_and_the_closest(tiny_recipe):
     with pytest.raises(ConfigError, match=r"trainer.epoch: unknown key; did you mean 'epochs'\? \(allowed here: .*batch_size"):
         parse_config(tiny_recipe(trainer={"epoch": 3}))
+
+
+def test_timm_weights_with_another_head_load_through_timm(tmp_path):
+    """A timm-format state dict with a 1000-class head → a 10-class model: head reset, backbone equal."""
+    imagenet = create_model("test_resnet", 1000, 3, 32, tuple(map(str, range(1000)))).net.state_dict()
+    torch.save(imagenet, tmp_path / "in1k.pth")
+    model = create_model("test_resnet", 10, 3, 32, tuple(map(str, range(10))), checkpoint=tmp_path / "in1k.pth")
+    own = model.net.state_dict()
+    assert own["fc.weight"].shape == (10, imagenet["fc.weight"].shape[1])
+    assert all(torch.equal(own[k], v) for k, v in imagenet.items() if not k.startswith("fc."))
+    assert model.mean.flatten().tolist() == [0.5, 0.5, 0.5]  # test_resnet's pretrained_cfg mean
+    grey = create_model("test_resnet", 10, 1, 32, tuple(map(str, range(10))), checkpoint=tmp_path / "in1k.pth")
+    assert torch.allclose(grey.net.state_dict()["conv1.0.weight"], imagenet["conv1.0.weight"].sum(1, keepdim=True))
