@@ -44,9 +44,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_labels(args: argparse.Namespace) -> None:
     from distill.generate_store import generate_labels
+    from distill.label_estimate import estimate_labels
     from distill.recipe import load_config
 
     cfg = load_config(args.recipe, args.overrides)
+    if args.estimate:
+        print(estimate_labels(cfg, args.estimate_images, args.world or 1).summary())
+        return
     print(generate_labels(cfg, args.rank, args.world).summary())
 
 
@@ -148,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("recipe", help="YAML recipe with pool.teachers and labels.store (+ labels.generate)")
     lb.add_argument("overrides", nargs="*", help="key.path=value overrides")
     _rank_world(lb, "the work")
+    lb.add_argument("--estimate", action="store_true",
+                    help="time the teachers on a sample and print crops, teacher-hours, bytes and wall time; write nothing")
+    lb.add_argument("--estimate-images", type=int, default=64, help="images in the --estimate sample (default 64)")
     lb.set_defaults(fn=cmd_labels)
 
     sy = sub.add_parser("synth", help="synthesise a distilled dataset (bn_matching / DM / gradient matching, FYI flip)")

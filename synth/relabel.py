@@ -19,7 +19,8 @@ from distill.errors import ArtefactError, ConfigError
 from synth.config import RelabelConfig
 from teachers.labeling import LabelContext, Labeling, register_labeler
 from teachers.pool import EnsemblePool
-from teachers.store import DECODE_MODES, LabelStore, RowBatched, StoredLabeler, StoreSpec, generate_store
+from teachers.store import DECODE_MODES, LabelStore, RowBatched, StoreSpec, generate_store
+from teachers.store_labels import CyclicStoredLabeler
 
 
 def resolve_topk(rc: RelabelConfig, num_classes: int) -> int:
@@ -46,21 +47,6 @@ def relabel_store(root: Path, images: ImageSet, teachers: list, rc: RelabelConfi
     return generate_store(root, spec, images, source, device, rc.batch_size, rank, world, progress)
 
 
-class CyclicStoredLabeler(StoredLabeler):
-    """Replays a store of E label epochs for any number of student epochs (epoch e reads label
-    epoch e mod E), every label epoch verified once and kept in memory."""
-
-    def __init__(self, store: LabelStore, decode: str):
-        super().__init__(store, None, decode)
-        self._cache: dict[int, dict[str, torch.Tensor]] = {}
-
-    def rows(self, epoch: int) -> dict[str, torch.Tensor]:
-        e = epoch % self.store.spec.epochs
-        if e not in self._cache:
-            self._cache[e] = self.store.load_epoch(e)
-        return self._cache[e]
-
-
 class RelabelOptions(Strict):
     """A relabel store (`store`: its directory) of the images being trained on."""
 
@@ -80,7 +66,7 @@ class RelabelLabels(Labeling):
             store.check_data(ctx.train)
         except ArtefactError as err:
             raise ArtefactError(f"{err} (the labels do not belong to these images)") from None
-        return CyclicStoredLabeler(store, self.options.decode)
+        return CyclicStoredLabeler(store, None, self.options.decode, keep_all=True)
 
     def describe(self, run) -> str:
         return f"relabel store {self.options.store}"

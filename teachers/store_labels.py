@@ -3,7 +3,9 @@
 `distill labels` (distill.generate_store) writes the store from the recipe's pool, `generate`
 describing what it writes; `distill train` with the same recipe replays its crops and labels with
 no teacher built (`teachers.store.StoredLabeler`); each loaded image yields `crops_per_image` views
-per step (multi-crop loading; trainer.batch_size counts images).
+per step (multi-crop loading; trainer.batch_size counts images). A store of E label epochs serves
+any number of student epochs: epoch e replays label epoch e mod E (`CyclicStoredLabeler`; the FKD
+reference reuses its crop bank so), so `generate.epochs` sets what the teachers cost, once.
 """
 from __future__ import annotations
 
@@ -113,17 +115,40 @@ class StoreLabels(Labeling):
         store = LabelStore(opts.store)
         store.check_data(ctx.train)
         store.check_files()
-        if cfg.trainer.epochs > store.spec.epochs:
-            raise ConfigError(f"trainer.epochs: {cfg.trainer.epochs}, but the label store {store.root} holds "
-                              f"{store.spec.epochs} epochs; generate more (labels.generate.epochs) or train fewer")
         if opts.generate is not None and generation_hash(cfg, opts) != store.spec.config_hash:
             raise ArtefactError(f"{store.root}: generated from another recipe (data, teachers or labels.generate "
                                 f"differ: hash {store.spec.config_hash}, this recipe {generation_hash(cfg, opts)}); "
                                 f"rerun `distill labels` to a new labels.store")
         try:
-            return StoredLabeler(store, opts.crops_per_image, opts.decode)
+            return CyclicStoredLabeler(store, opts.crops_per_image, opts.decode)
         except ValueError as err:
             raise ConfigError(str(err)) from None
 
     def describe(self, run: RunConfig) -> str:
         return f"label store {self.options.store}"
+
+    def summary(self, labeler: StoredLabeler) -> dict:
+        return {"label_epochs": labeler.store.spec.epochs}
+
+    def report(self, summary: dict) -> list[str]:
+        return [f"- label store of {summary['label_epochs']} label epoch(s): student epoch e replays label epoch "
+                f"e mod {summary['label_epochs']}", ""]
+
+
+class CyclicStoredLabeler(StoredLabeler):
+    """Replays a store of E label epochs for any number of student epochs: epoch e reads label
+    epoch e mod E. `keep_all` holds every label epoch in memory once read (small stores, many
+    cycles: synth relabel); otherwise one epoch at a time (ImageNet-sized stores)."""
+
+    def __init__(self, store: LabelStore, crops_per_image: int | None = None, decode: str = "marginal_smoothing",
+                 keep_all: bool = False):
+        super().__init__(store, crops_per_image, decode)
+        self.keep_all, self._cache = keep_all, {}
+
+    def rows(self, epoch: int) -> dict:
+        e = epoch % self.store.spec.epochs
+        if not self.keep_all:
+            return super().rows(e)
+        if e not in self._cache:
+            self._cache[e] = self.store.load_epoch(e)
+        return self._cache[e]

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("distill", "teachers", "students", "synth")
 # the jobs layer of distill/ (with the package itself, whose __getattr__ serves the Python API):
 # everything else there is the bottom layer
-JOBS = {"distill", "distill.api", "distill.active_rounds", "distill.cli", "distill.demo", "distill.eval_model", "distill.generate_store",
+JOBS = {"distill", "distill.api", "distill.active_rounds", "distill.cli", "distill.demo", "distill.eval_model", "distill.generate_store", "distill.label_estimate",
         "distill.launch", "distill.recipe", "distill.runner", "distill.teacher_pool"}
 STUDENTS_MAY_USE = {"teachers.source"}  # the label-source contract
 

@@ -354,9 +354,16 @@ def test_cli_labels_then_train_builds_no_teacher(tiny_recipe, tmp_path, monkeypa
     assert result.final["teacher_queries"] == 0 and "train_kd" in result.history[-1]
     assert "label store" in (result.run_dir / "report.md").read_text()
 
-    # the recipe must fit the store: more epochs, other k, other data are refused before training
-    with pytest.raises(ConfigError, match="trainer.epochs: 3, but the label store"):
-        runner.train(parse_config({**raw, "trainer": {**raw["trainer"], "epochs": 3}}))
+    # a store of E label epochs serves more student epochs: epoch e replays label epoch e mod E, exactly
+    longer = runner.train(parse_config({**raw, "name": "ferkd3", "trainer": {**raw["trainer"], "epochs": 3}}))
+    assert len(longer.history) == 3 and "replays label epoch e mod 1" in (longer.run_dir / "report.md").read_text()
+    from teachers.store import LabelStore
+    from teachers.store_labels import CyclicStoredLabeler
+
+    cyclic = CyclicStoredLabeler(LabelStore(tmp_path / "store"), 2)
+    first = {k: v.clone() for k, v in cyclic.rows(0).items()}
+    assert all(torch.equal(cyclic.rows(e)[k], first[k]) for e in (1, 2) for k in first)
+    # the recipe must fit the store: other k, other data are refused before training
     other = json.loads(json.dumps(raw))
     other["labels"]["generate"]["topk"] = 5
     with pytest.raises(ArtefactError, match="generated from another recipe"):
@@ -366,7 +373,7 @@ def test_cli_labels_then_train_builds_no_teacher(tiny_recipe, tmp_path, monkeypa
     other["labels"].pop("generate")
     with pytest.raises(ArtefactError, match="made for 96 training images"):
         runner.train(parse_config(other))
-    assert cli_main(["train", str(recipe), "trainer.epochs=3"]) == 2
+    assert cli_main(["train", str(recipe), "labels.generate.topk=5"]) == 2
     shard = next((tmp_path / "store" / "shards").iterdir())
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(ArtefactError, match="is truncated"):
@@ -384,3 +391,23 @@ def test_config_rejects_bad_label_sections(tiny_recipe):
                                  loss={"discriminator": "joint"}))
     with pytest.raises(ConfigError, match="topk"):
         parse_config(tiny_recipe(labels={"store": "x", "generate": {"topk": 0}}))
+
+
+def test_estimate_agrees_with_a_real_generation(tiny_recipe, tmp_path):
+    """`distill labels --estimate` writes nothing, and its bytes and time per crop agree with a real
+    generation of the same store within 2×."""
+    from distill.generate_store import generate_labels
+    from distill.label_estimate import estimate_labels
+
+    raw = tiny_recipe("est", pool={"teachers": [{"model": "test_resnet", "name": "t"}]}, trainer={"epochs": 2},
+                      labels={"store": str(tmp_path / "est"), "generate": {"crops_per_image": 8, "topk": 3,
+                                                                          "shard_images": 32}})
+    cfg = parse_config(raw)
+    est = estimate_labels(cfg, sample_images=32)
+    assert not (tmp_path / "est").exists()
+    assert est.crops == 96 * 2 * 8 and est.shards == 3 * 2
+    real = generate_labels(cfg, progress=False)
+    assert 0.5 <= est.bytes / real.manifest["bytes"] <= 2.0
+    real_per_crop = real.seconds / est.crops
+    assert 0.5 <= est.seconds_per_crop / real_per_crop <= 2.0, (est.seconds_per_crop, real_per_crop)
+    assert "crops" in est.summary() and "teacher-hours" in est.summary()
