@@ -247,7 +247,8 @@ class ActiveJob:
 
 def prepare_job(cfg: RunConfig, opts: ActiveConfig, data: tuple[ImageSet, ImageSet] | None) -> ActiveJob:
     """Split the data, build the pool, plan the budget (refused before any query), and restore the
-    books of a killed job or pay for setup (pool fit) and calibration (teacher error on L)."""
+    books of a killed job or pay for setup (pool fit) and calibration (teacher error on L). Books
+    written by another recipe are refused before anything is written to the run directory."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would select and query on its own
         raise ConfigError("labels.active runs in one process (it queries teachers between trainer runs); "
                           "launch it without torchrun/deepspeed")
@@ -266,11 +267,11 @@ def prepare_job(cfg: RunConfig, opts: ActiveConfig, data: tuple[ImageSet, ImageS
     pool = build_pool(cfg, train_set, device, fit=False)
     setup = cfg.pool.labelled if pool.needs_fit else 0
     budget_images, plan = _budget(opts, len(pool_idx), setup, opts.labelled if need_error else 0)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(cfg.run_dir / "config.yaml", dump_config(cfg))
     job = ActiveJob(cfg, opts, device, train_set, test_set, labelled, pool_idx, strategy, pool,
                     ActiveQuerySource(pool, budget_images, len(cfg.pool.teachers)), plan, opts.teacher_error)
-    state = _load_job_state(job.state_path, cfg)
+    state = _load_job_state(job.state_path, cfg)  # another recipe's run directory: refused, nothing written
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(cfg.run_dir / "config.yaml", dump_config(cfg))
     if pool.needs_fit:  # deterministic: a resumed job refits to the same weights (its books are restored)
         fit_pool(cfg, pool, train_set, device)
     if state is not None:

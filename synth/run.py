@@ -170,23 +170,30 @@ class SynthJob:
                             self.std.to(self.device), self.device, self.cfg.ipc, self.cfg.seed)
 
     def _check_existing(self) -> None:
+        """Refuse, before anything is written, a directory holding another recipe's artefact or
+        another synthesis's chunks (any chunk in `work/`, also those this recipe's plan does not name)."""
         if (self.root / MANIFEST).is_file():
             m = read_manifest(self.root)
             if m.get("recipe_hash") != self.cfg.hash():
                 raise ArtefactError(f"{self.root}: holds an artefact of another recipe (hash {m.get('recipe_hash')}, "
                                     f"this recipe {self.cfg.hash()}); choose another name/out_dir")
+        for path in sorted((self.root / WORK).glob("*.safetensors")):
+            self._check_chunk(path)
 
     def chunk_path(self, ch: Chunk) -> Path:
         return self.root / WORK / f"{ch.name}.safetensors"
+
+    def _check_chunk(self, path: Path) -> None:
+        meta = read_metadata(path)
+        if meta.get("synthesis_hash") != self.cfg.synthesis_hash():
+            raise ArtefactError(f"{path}: a chunk of another recipe (synthesis hash {meta.get('synthesis_hash')}, this "
+                                f"recipe {self.cfg.synthesis_hash()}); choose another name/out_dir, or delete {self.root / WORK}")
 
     def chunk_done(self, ch: Chunk) -> bool:
         path = self.chunk_path(ch)
         if not path.is_file():
             return False
-        meta = read_metadata(path)
-        if meta.get("synthesis_hash") != self.cfg.synthesis_hash():
-            raise ArtefactError(f"{path}: a chunk of another recipe (synthesis hash {meta.get('synthesis_hash')}, this "
-                                f"recipe {self.cfg.synthesis_hash()}); choose another name/out_dir, or delete {self.root / WORK}")
+        self._check_chunk(path)
         return True
 
     def run_chunk(self, ch: Chunk) -> None:
