@@ -207,12 +207,19 @@ def _budget(a: ActiveConfig, pool_size: int, setup: int, calibration: int) -> tu
 
 
 def _load_job_state(path: Path, cfg: RunConfig) -> dict[str, Any] | None:
+    """The saved books of this job, refused when another recipe wrote them; a resume may change the
+    keys of `distill.config.RESUMABLE`, as a plain run's may. A plain run's directory is refused."""
+    plain = cfg.run_dir / "checkpoints" / "last.safetensors"
+    if plain.exists():
+        raise ArtefactError(f"{cfg.run_dir}: holds a `distill train` run without labels.active ({plain}); use another "
+                            f"`name`/`out_dir`")
     if not path.exists():
         return None
     state, meta = load_state(path)
-    if meta.get("config_hash") != cfg.hash():
-        raise ArtefactError(f"{path}: written by a different recipe (config hash {meta.get('config_hash')} != "
-                            f"{cfg.hash()}); use another `name`/`out_dir`, or delete the run directory")
+    ours, theirs = (cfg.resume_hash(), meta["resume_hash"]) if "resume_hash" in meta else (cfg.hash(), meta.get("config_hash"))
+    if ours != theirs:
+        raise ArtefactError(f"{path}: written by a different recipe (hash {theirs} != {ours}); use another "
+                            f"`name`/`out_dir`, or delete the run directory")
     return state
 
 
@@ -242,7 +249,7 @@ class ActiveJob:
     def save(self) -> None:
         save_state(self.state_path, {"source": self.source.state_dict(), "teacher_error": self.teacher_error,
                                      "selections": {str(k): v for k, v in self.selections.items()}},
-                   {"config_hash": self.cfg.hash()})
+                   {"config_hash": self.cfg.hash(), "resume_hash": self.cfg.resume_hash()})
 
 
 def prepare_job(cfg: RunConfig, opts: ActiveConfig, data: tuple[ImageSet, ImageSet] | None) -> ActiveJob:

@@ -7,10 +7,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from importlib import metadata
 import os
 import tempfile
 from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -102,13 +102,16 @@ def versions() -> dict[str, str]:
     return {"distill": ours, "torch": torch.__version__}
 
 
+META_KEY = "distill"  # the one safetensors metadata entry holding ours (see save_tensors)
+
+
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
-    """safetensors with JSON-encoded metadata values (safetensors metadata is str → str)."""
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    meta.setdefault("versions", json.dumps(versions()))
+    """safetensors with our metadata as one JSON entry (sorted keys): safetensors writes several
+    entries in hash-map order, which would make the same content differ byte for byte between runs."""
+    meta = {"versions": versions(), **metadata}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -118,7 +121,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             meta = f.metadata() or {}
     except Exception as err:  # noqa: BLE001 - any parse failure means "not a valid file"
         raise ArtefactError(f"{path}: not a readable safetensors file ({err})") from None
-    out: dict[str, Any] = {}
+    if set(meta) == {META_KEY}:
+        return json.loads(meta[META_KEY])
+    out: dict[str, Any] = {}  # files written before META_KEY (or by others): one JSON value per entry
     for k, v in meta.items():
         try:
             out[k] = json.loads(v)

@@ -18,6 +18,7 @@ from distill.augment import RandomCrops
 from distill.config import RunConfig, dump_config
 from distill.data import ImageSet, load_data
 from distill.distributed import GlobalBatchCrops, check_precision, rank_device, resolve_device
+from distill.errors import ArtefactError
 from distill.progress import set_interval
 from distill.recipe import as_run_config
 from distill.report import write_run_report
@@ -72,6 +73,9 @@ def train(cfg: RunConfig | str | Path | dict, data: tuple[ImageSet, ImageSet] | 
                                           lambda: build_pool(cfg, train_set, device), cfg))
     trainer = Trainer(cfg, step, backend, train_set, test_set, labeler, cfg.run_dir)
     trainer.check_resume()  # refused before anything is written (another recipe's run directory)
+    if (cfg.run_dir / "active" / "state.safetensors").exists():
+        raise ArtefactError(f"{cfg.run_dir}: holds an active-distillation job (labels.active); use another "
+                            f"`name`/`out_dir`")
     ensure_writable(cfg.run_dir, "out_dir")
     if backend.is_main:
         write_text(cfg.run_dir / "config.yaml", dump_config(cfg))

@@ -44,7 +44,7 @@ def test_resume_refuses_a_different_recipe(tiny_recipe):
 
     train(parse_config(tiny_recipe("r", trainer={"epochs": 1})))
     with pytest.raises(ArtefactError, match="different recipe"):
-        train(parse_config(tiny_recipe("r", trainer={"epochs": 1}, optim={"lr": 0.01})))
+        train(parse_config(tiny_recipe("r", trainer={"epochs": 1}, optim={"momentum": 0.5})))
 
 
 def test_meal_v2_student_trains_with_discriminator(tiny_recipe):
