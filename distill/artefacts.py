@@ -23,6 +23,20 @@ from distill.errors import ArtefactError
 # file names shared by writers and readers in different layers
 LABELS_DIR = "labels"  # a distilled dataset's label folder (relabel store or HeLlO projector)
 PROJECTOR_FILE = "projector.safetensors"  # a HeLlO projector's factors
+# a projector exported as a peft adapter (synth.peft_export): peft's config file + what distill adds
+ADAPTER_CONFIG, ADAPTER_META = "adapter_config.json", "distill_projector.json"
+
+
+def find_projector(path: str | Path) -> Path | None:
+    """Where the HeLlO projector at `path` is: a peft adapter directory (ADAPTER_CONFIG +
+    ADAPTER_META; either file names it too) as is; else a file as is, or the projector file in the
+    directory `path` or in its labels/. None when there is none."""
+    p = Path(path)
+    if p.is_file() and p.name in (ADAPTER_CONFIG, ADAPTER_META):
+        p = p.parent
+    if (p / ADAPTER_CONFIG).is_file() and (p / ADAPTER_META).is_file():
+        return p
+    return next((c for c in (p, p / PROJECTOR_FILE, p / LABELS_DIR / PROJECTOR_FILE) if c.is_file()), None)
 
 
 @contextmanager
@@ -41,12 +55,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def ensure_writable(directory: str | Path, field: str) -> None:
-    """Refuse, before any compute, an output directory that cannot be created or written (read-only
-    or full), naming the recipe field; creates it when missing."""
-    directory = Path(directory)
+    """Refuse, before any compute, an output directory that cannot be created or written (read-only,
+    full, or under a file), naming the recipe field. Checked where it (or its nearest existing
+    parent) is, so nothing is left behind."""
+    directory = Path(directory).absolute()
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-") as f:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, f"{existing} is a file")
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-check-") as f:
             f.write(b"\0" * 65536)  # a full disk fails here, not hours later
             f.flush()
             os.fsync(f.fileno())

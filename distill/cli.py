@@ -70,6 +70,12 @@ def cmd_eval_synth(args: argparse.Namespace) -> None:
     print(f"report: {report.root / 'eval' / 'report.md'}")
 
 
+def cmd_export_peft(args: argparse.Namespace) -> None:
+    from synth.peft_export import export_peft_adapter
+
+    print(f"peft adapter: {export_peft_adapter(args.projector, args.out, args.checkpoint, args.overwrite)}")
+
+
 def cmd_launch(args: argparse.Namespace) -> None:
     from distill.launch import plan_launch, run_launch
 
@@ -174,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--device", default="auto")
     es.add_argument("--cache", default=None, help="folder for random-subset/full-data runs shared across artefacts")
     es.set_defaults(fn=cmd_eval_synth)
+    ex = sub.add_parser("export-peft", help="a HeLlO projector as a peft LoRA adapter (PeftModel.from_pretrained loads it)")
+    ex.add_argument("projector", help="a distilled-dataset directory, its labels/ directory or projector.safetensors")
+    ex.add_argument("out", help="the adapter directory to write (adapter_config.json + adapter_model.safetensors)")
+    ex.add_argument("--checkpoint", default=None, help="this machine's copy of the projector's base encoder")
+    ex.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT")
+    ex.set_defaults(fn=cmd_export_peft)
     return p
 
 

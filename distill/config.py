@@ -19,7 +19,7 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag,
                       ValidationError, field_validator, model_serializer, model_validator)
 
-from distill.artefacts import LABELS_DIR, PROJECTOR_FILE
+from distill.artefacts import ADAPTER_CONFIG, ADAPTER_META, LABELS_DIR, PROJECTOR_FILE, find_projector
 from distill.deepspeed_config import adopt_sections, check_deepspeed_config, read_deepspeed_config
 from distill.errors import ConfigError
 from distill.models import is_known_model, suggest_models
@@ -133,15 +133,18 @@ class ProjectorTeacherConfig(Strict):
     @field_validator("projector")
     @classmethod
     def _resolve(cls, v: Path) -> Path:
-        for cand in (v, v / PROJECTOR_FILE, v / LABELS_DIR / PROJECTOR_FILE):
-            if cand.name == PROJECTOR_FILE and cand.is_file():
-                return cand
-        raise ValueError(f"projector {str(v)!r} does not exist: give a distilled-dataset directory (holding "
-                         f"{LABELS_DIR}/{PROJECTOR_FILE}), its {LABELS_DIR}/ directory, or the {PROJECTOR_FILE} "
-                         f"file itself")
+        found = find_projector(v)
+        if found is None or (found.is_file() and found.name != PROJECTOR_FILE):
+            raise ValueError(f"projector {str(v)!r} does not exist: give a distilled-dataset directory (holding "
+                             f"{LABELS_DIR}/{PROJECTOR_FILE}), its {LABELS_DIR}/ directory, the {PROJECTOR_FILE} "
+                             f"file itself, or a peft adapter directory exported from one ({ADAPTER_CONFIG} + "
+                             f"{ADAPTER_META})")
+        return found
 
     @property
     def display_name(self) -> str:
+        if self.projector.is_dir():  # a peft adapter directory
+            return self.name or f"projector_{self.projector.name}"
         art = self.projector.parent.parent if self.projector.parent.name == LABELS_DIR else self.projector.parent
         return self.name or f"projector_{art.name}"
 

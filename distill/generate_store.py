@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from distill.artefacts import ensure_writable
 from distill.config import RunConfig
 from distill.data import ImageSet, load_data
 from distill.distributed import rank_world, resolve_device
@@ -96,6 +97,7 @@ def generate_labels(cfg: RunConfig, rank: int | None = None, world: int | None =
     device = resolve_device(cfg.device)
     train, _ = data or load_data(cfg.data)
     check_checkpoints(cfg, train.num_classes)
+    ensure_writable(opts.store, "labels.store")
     source, calibrator, desc = build_label_source(cfg, opts, train, device)
     spec = store_spec(cfg, opts, train, desc)
     start = time.perf_counter()

@@ -55,7 +55,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.ckpt_path = self.run_dir / "checkpoints" / "last.safetensors"
         self.history: list[dict[str, Any]] = []
-        self.start_epoch, self.global_step, self.skipped = 0, 0, 0
+        self.start_epoch, self.global_step, self.epoch_start, self.skipped = 0, 0, 0, 0
         log = cfg.log
         self.steps = StepLog(self.run_dir, log.every_steps, log.tensorboard, enabled=backend.is_main)
 
@@ -94,7 +94,7 @@ class Trainer:
         if micro_steps == 0:
             raise ConfigError(f"trainer.grad_accum {b.grad_accum}: {len(self.train_set)} training images do not fill "
                               f"one optimiser step of trainer.batch_size {cfg.batch_size}")
-        self.global_step = epoch * micro_steps
+        self.global_step = self.epoch_start = epoch * micro_steps
         epoch_lr, optim = lr_factor(self.cfg.optim, epoch, cfg.epochs), self.cfg.optim
         b.set_lr(epoch_lr * warmup_factor(optim, self.global_step // b.grad_accum))
         self.step.train()
@@ -106,38 +106,22 @@ class Trainer:
         for loaded_batch in bar:
             if loaded_batch is None:  # every image of it failed to decode (data.on_bad_image: skip)
                 continue
-            images, targets, index = loaded_batch
             if optim.warmup_steps and self.global_step % b.grad_accum == 0:  # a new optimiser step
                 b.set_lr(epoch_lr * warmup_factor(optim, self.global_step // b.grad_accum))
             loaded, teacher_s = time.perf_counter(), self.labeler.cost.total_seconds
-            images, targets = images.to(dev, non_blocking=True).float().div_(255), targets.to(dev)
-            batch = self.labeler(images, targets, index, epoch, gen)
-            with b.autocast():
-                terms = b.module(batch.images, batch.targets, batch.soft)
-            values = {k: v.item() for k, v in terms.items()}
-            if b.reduce_sum(0.0 if all(map(math.isfinite, values.values())) else 1.0):  # every rank agrees
-                self.nonfinite("loss", epoch, steps, values)
-                self.global_step, ready = self.global_step + 1, time.perf_counter()
-                continue
-            b.backward(terms["loss"])
-            if not b.grads_finite():
-                b.discard()
-                self.nonfinite("gradient", epoch, steps, values)
-                self.global_step, ready = self.global_step + 1, time.perf_counter()
-                continue
-            b.step()
-            if (self.global_step + 1) % b.grad_accum == 0 and not self.weights_finite():
-                self.nonfinite("weight after the optimiser step", epoch, steps, values, can_skip=False)
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
-            steps, seen = steps + 1, seen + len(images)
-            bar.set_postfix(loss=f"{sums['loss'] / steps:.3f}")
+            values = self.train_step(epoch, gen, *loaded_batch)
             done = time.perf_counter()
-            if self.steps.due(self.global_step, steps == micro_steps):
-                self.steps.step(epoch + 1, self.global_step, {
-                    **values, "lr": b.optimizer.param_groups[0]["lr"], "images_per_second": len(images) / (done - ready),
-                    "data_seconds": loaded - ready, "compute_seconds": done - loaded,
-                    "teacher_seconds": self.labeler.cost.total_seconds - teacher_s, **gpu_memory(dev)})
+            if values is not None:
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                steps, seen = steps + 1, seen + len(loaded_batch[0])
+                bar.set_postfix(loss=f"{sums['loss'] / steps:.3f}")
+                if self.steps.due(self.global_step, steps == micro_steps):
+                    self.steps.step(epoch + 1, self.global_step, {
+                        **values, "lr": b.optimizer.param_groups[0]["lr"],
+                        "images_per_second": len(loaded_batch[0]) / (done - ready), "data_seconds": loaded - ready,
+                        "compute_seconds": done - loaded, "teacher_seconds": self.labeler.cost.total_seconds - teacher_s,
+                        **gpu_memory(dev)})
             self.global_step, ready = self.global_step + 1, done
         seconds = time.perf_counter() - start
         return {"epoch": epoch + 1, "lr": b.optimizer.param_groups[0]["lr"], "skipped_steps": self.skipped,
@@ -147,11 +131,32 @@ class Trainer:
                 "teacher_seconds": b.reduce_sum(self.labeler.cost.total_seconds),
                 **({"bad_images_skipped": self.train_set.skipped} if hasattr(self.train_set, "skipped") else {})}
 
-    def nonfinite(self, what: str, epoch: int, step: int, values: dict[str, float], can_skip: bool = True) -> None:
+    def train_step(self, epoch: int, gen: torch.Generator, images: torch.Tensor, targets: torch.Tensor,
+                   index: torch.Tensor) -> dict[str, float] | None:
+        """Labeler → forward → checks → backward → step. The loss terms, or None when the step was
+        skipped for a non-finite loss or gradient (on_nonfinite: skip_step)."""
+        b = self.backend
+        images, targets = images.to(b.device, non_blocking=True).float().div_(255), targets.to(b.device)
+        batch = self.labeler(images, targets, index, epoch, gen)
+        with b.autocast():
+            terms = b.module(batch.images, batch.targets, batch.soft)
+        values = {k: v.item() for k, v in terms.items()}
+        if b.reduce_sum(0.0 if all(map(math.isfinite, values.values())) else 1.0):  # every rank agrees
+            return self.nonfinite("loss", epoch, values)
+        b.backward(terms["loss"])
+        if not b.grads_finite():
+            b.discard()
+            return self.nonfinite("gradient", epoch, values)
+        b.step()
+        if (self.global_step + 1) % b.grad_accum == 0 and not self.weights_finite():
+            self.nonfinite("weight after the optimiser step", epoch, values, can_skip=False)
+        return values
+
+    def nonfinite(self, what: str, epoch: int, values: dict[str, float], can_skip: bool = True) -> None:
         """A non-finite loss/gradient/weight at this step: skip it (on_nonfinite: skip_step, while
         the budget lasts) or stop with the run's last good checkpoint intact (TrainingError)."""
         cfg, terms = self.cfg.trainer, ", ".join(f"{k} {v:.4g}" for k, v in values.items())
-        where = f"epoch {epoch + 1}, step {step + 1} of the epoch (run step {self.global_step})"
+        where = f"epoch {epoch + 1}, step {self.global_step - self.epoch_start + 1} of the epoch (run step {self.global_step})"
         if can_skip and cfg.on_nonfinite == "skip_step" and self.skipped < cfg.max_skipped_steps:
             self.skipped += 1
             say(f"[{self.cfg.name}] non-finite {what} at {where} ({terms}): step skipped "

@@ -8,7 +8,9 @@ its soft labels online per augmented batch instead of replaying a stored label s
                                     no module, a projector config the library rejects
     hello_step(cfg, real, ...)      at finalise: fit (+ optional image update), save, bytes accounting
     ProjectorLabels (`projector`)   the label source eval-synth serves projector artefacts with;
-                                    refuses a projector whose class list, data size or base differ
+                                    refuses a projector whose class list, data size or base differ;
+                                    also reads a projector exported as a peft adapter
+                                    (`synth.peft_export`)
     projector_teacher(cfg, ...)     the same projector, same refusals, as a `distill train` pool
                                     teacher (pool.teachers: [{projector: ...}])
 
@@ -37,8 +39,9 @@ from distill.errors import ArtefactError, ConfigError
 from synth.artefact import as_imageset, quantise
 from synth.config import HelloConfig, ImageOptConfig, RelabelConfig, SynthConfig
 from synth.init import class_indices, gather, keyed_generator
-from synth.projector import (ProjectorConfig, ProjectorSource, apply_lora, build_encoder, build_projector,
-                             fit_projector, load_projector, projector_bytes, save_projector)
+from synth.peft_export import ADAPTER_FORMAT, adapter_metadata, load_peft_adapter
+from synth.projector import (FORMAT, ProjectorConfig, ProjectorSource, apply_lora, build_encoder, build_projector,
+                             fit_projector, load_projector, projector_bytes, projector_path, save_projector)
 from synth.relabel import relabel_store
 from teachers.labeling import LabelContext, Labeling, register_labeler
 from teachers.pool import EnsemblePool
@@ -194,11 +197,17 @@ class TrainableLabels:
 
 def _load_checked(path: Path, class_names, image_size: int, channels: int, checkpoint: str | Path | None,
                   device) -> Any:
-    """The projector in `path` (a projector.safetensors), refused — ArtefactError naming the file —
-    when fitted for another data size, channel count or class list, or when its base (at
-    `checkpoint`, default the stored one) has another checksum: its labels would be another function's."""
-    meta = read_metadata(path)
-    if meta.get("format") != "distill.projector/1":
+    """The projector at `path` (a projector.safetensors, a directory holding one or its labels/, or
+    a peft adapter directory `synth.peft_export` wrote), refused — ArtefactError naming it — when
+    fitted for another data size, channel count or class list, or when its base (at `checkpoint`,
+    default the stored one) has another checksum: its labels would be another function's."""
+    try:
+        path = projector_path(path)
+        adapter = path.is_dir()
+        meta = adapter_metadata(path) if adapter else read_metadata(path)
+    except (OSError, ValueError) as err:
+        raise ArtefactError(str(err)) from None
+    if meta.get("format") != (ADAPTER_FORMAT if adapter else FORMAT):
         raise ArtefactError(f"{path}: not a HeLlO projector file (format {meta.get('format')!r})")
     for key, want in (("data_image_size", image_size), ("data_channels", channels)):
         if int(meta.get(key, -1)) != int(want):
@@ -207,15 +216,18 @@ def _load_checked(path: Path, class_names, image_size: int, channels: int, check
     if checkpoint is not None:
         cfg = dataclasses.replace(ProjectorConfig.from_dict(meta["config"]), checkpoint=str(checkpoint))
     try:
+        if adapter:
+            return load_peft_adapter(path, cfg, class_names=list(class_names), device=device)
         return load_projector(path.parent, cfg, class_names=list(class_names), device=device)
     except ValueError as err:
         raise ArtefactError(f"{path}: {err}") from None
 
 
 class ProjectorOptions(Strict):
-    """A fitted projector (`projector`: its `projector.safetensors`) serving labels online on fresh
-    RandomResizedCrops (the artefact's `labels.relabel` crops); `checkpoint`: this machine's copy
-    of its base encoder (its checksum must match)."""
+    """A fitted projector (`projector`: its `projector.safetensors`, or the peft adapter directory
+    `synth.peft_export.export_peft_adapter` wrote) serving labels online on fresh RandomResizedCrops
+    (the artefact's `labels.relabel` crops); `checkpoint`: this machine's copy of its base encoder
+    (its checksum must match)."""
 
     projector: Path
     scale: CropScale = (0.08, 1.0)
@@ -234,7 +246,7 @@ class ProjectorLabels(Labeling):
         """Refuses, naming the file, a projector fitted for another class list, data size or
         channels, or whose base has another checksum."""
         o = self.options
-        if not o.projector.is_file():
+        if not o.projector.exists():
             raise ArtefactError(f"{o.projector}: missing (label mode 'projector')")
         proj = _load_checked(o.projector, class_names, image_size, channels, o.checkpoint, device)
         crops = RandomCrops(tuple(o.scale), tuple(o.ratio), o.flip)

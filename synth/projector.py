@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from distill.artefacts import PROJECTOR_FILE
+from distill.artefacts import ADAPTER_CONFIG, ADAPTER_META, LABELS_DIR, PROJECTOR_FILE, find_projector
 from distill.models import CHECKPOINT_FORMAT, create_model, read_checkpoint_header
 from teachers.source import LabelSource, QueryCost, SoftLabels
 
@@ -39,6 +39,7 @@ OPEN_CLIP_TARGETS = ("attn", "c_fc", "c_proj")  # "attn" = peft's MultiheadAtten
 # EfficientNet/MobileNet pointwise convs (never depthwise: grouped convs), ConvNeXt block MLPs.
 TIMM_TARGETS = r".*(blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))|layer\d+\.\d+\.conv\d|blocks\.\d+\.\d+\.conv_pwl?)"
 FILE = PROJECTOR_FILE
+FORMAT = "distill.projector/1"
 _LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 
 
@@ -286,13 +287,30 @@ def build_projector(cfg: ProjectorConfig, class_names: Sequence[str], images: to
 def apply_lora(projector: Projector, cfg: ProjectorConfig | None = None) -> Projector:
     """peft LoRA on the encoder's targets and on the head (as the paper does); everything else
     frozen. `cfg` may change only the LoRA fields of `projector.cfg`."""
-    from peft import LoraConfig, inject_adapter_in_model  # heavy: LoRA only
+    from peft import inject_adapter_in_model  # heavy: LoRA only
 
     cfg = cfg or projector.cfg
     if dataclasses.replace(cfg, **{f: getattr(projector.cfg, f) for f in _LORA_FIELDS}) != projector.cfg:
         raise ValueError("apply_lora: cfg differs from the projector's in non-LoRA fields")
     if projector.lora_state_dict():
         raise ValueError("apply_lora: projector already has LoRA factors")
+    lora = lora_config(projector, cfg)
+    projector.requires_grad_(False)
+    inject_adapter_in_model(lora, projector)
+    for n, p in projector.named_parameters():
+        p.requires_grad_("lora_" in n)
+    _pin_attention_bases(projector)
+    projector.cfg = cfg
+    return projector
+
+
+def lora_config(projector: Projector, cfg: ProjectorConfig | None = None):
+    """peft's `LoraConfig` for `cfg`'s LoRA fields (default: the projector's) on this projector's
+    modules: the encoder's targets (`encoder.body.` + name) and the head. Refuses targets that
+    match no module, naming some that exist."""
+    from peft import LoraConfig  # heavy: LoRA only
+
+    cfg = cfg or projector.cfg
     t = cfg.lora_targets
     names = t if isinstance(t, str) else rf"(?:.*\.)?(?:{'|'.join(map(re.escape, t))})"  # list = suffix match
     enc = rf"encoder\.body\.(?:{names})"
@@ -300,15 +318,8 @@ def apply_lora(projector: Projector, cfg: ProjectorConfig | None = None) -> Proj
         some = [n[len("encoder.body."):] for n, m in projector.named_modules()
                 if isinstance(m, (nn.Linear, nn.Conv2d, nn.MultiheadAttention)) and n.startswith("encoder.body.")][:6]
         raise ValueError(f"LoRA targets {t!r} match no module of {cfg.model_name}; modules include {some}")
-    projector.requires_grad_(False)
-    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=rf"(?:{enc})|head", bias="none")
-    inject_adapter_in_model(lora, projector)
-    for n, p in projector.named_parameters():
-        p.requires_grad_("lora_" in n)
-    _pin_attention_bases(projector)
-    projector.cfg = cfg
-    return projector
 
 
 def _pin_attention_bases(projector: nn.Module) -> None:
@@ -413,7 +424,7 @@ def save_projector(path_dir: str | Path, projector: Projector, meta: dict[str, s
         for p in stored.values():
             p.copy_(p.to(dtype))
     tensors = {n: p.detach().to(dtype).cpu().contiguous() for n, p in stored.items()}
-    info = {"format": "distill.projector/1", "config": json.dumps(dataclasses.asdict(projector.cfg)),
+    info = {"format": FORMAT, "config": json.dumps(dataclasses.asdict(projector.cfg)),
             "class_names": json.dumps(projector.class_names), "base_checksum": projector.base_checksum,
             "input_size": str(projector.encoder.input_size), "encoder": projector.cfg.model_name,
             "head_init": projector.cfg.head_init, "rank": str(projector.cfg.lora_rank),
@@ -431,9 +442,26 @@ def load_projector(path_dir: str | Path, cfg: ProjectorConfig | None = None,
                    class_names: Sequence[str] | None = None, device: str | torch.device = "cpu") -> Projector:
     """Rebuild the base from `cfg` (default: the stored one; pass one to point at this machine's
     checkpoint), regenerate a text head, load the factors. Refuses a different class list, input
-    size, base checksum or config rather than serve labels from another function."""
+    size, base checksum or config rather than serve labels from another function. (A projector
+    exported as a peft adapter: `synth.peft_export.load_peft_adapter`.)"""
     with safe_open(str(Path(path_dir) / FILE), framework="pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    proj = apply_lora(rebuild_base(meta, tensors.pop("head.weight", None), cfg, class_names))
+    lora = proj.lora_state_dict()
+    if set(lora) != set(tensors):
+        raise ValueError(f"stored factors do not match the LoRA layout: {sorted(set(lora) ^ set(tensors))[:6]}")
+    with torch.no_grad():
+        for n, p in lora.items():
+            p.copy_(tensors[n])
+    return proj.to(device).eval()
+
+
+def rebuild_base(meta: dict[str, str], head: torch.Tensor | None, cfg: ProjectorConfig | None = None,
+                 class_names: Sequence[str] | None = None) -> Projector:
+    """The projector a stored one was fitted from, without LoRA: its base rebuilt from `cfg`
+    (default: the stored one), its head regenerated (text) or `head` (the stored weight). `meta`:
+    the stored metadata (`save_projector`'s keys, string values). Refuses a different class list,
+    input size, base checksum or config."""
     stored_cfg, stored_classes = ProjectorConfig.from_dict(json.loads(meta["config"])), json.loads(meta["class_names"])
     if class_names is not None and list(class_names) != stored_classes:
         raise ValueError(f"class list mismatch: stored {stored_classes}, given {list(class_names)}")
@@ -445,6 +473,9 @@ def load_projector(path_dir: str | Path, cfg: ProjectorConfig | None = None,
             if f.name not in skip and getattr(cfg, f.name) != getattr(stored_cfg, f.name)]
     if diff:
         raise ValueError(f"config mismatch in {diff}")
+    if (head is None) != (cfg.head_init == "text"):
+        raise ValueError(f"head_init {cfg.head_init!r} {'stores' if head is None else 'regenerates'} its head, "
+                         f"but the head weight is {'missing' if head is None else 'stored'}")
     import peft
     if json.loads(meta["versions"])["peft"] != peft.__version__:  # peft's MHA LoRA semantics may change (see pin)
         warnings.warn(f"projector saved with peft {json.loads(meta['versions'])['peft']}, loading with {peft.__version__}")
@@ -454,15 +485,19 @@ def load_projector(path_dir: str | Path, cfg: ProjectorConfig | None = None,
     if base.checksum != meta["base_checksum"]:
         raise ValueError(f"base encoder checksum mismatch: stored {meta['base_checksum'][:12]}…, "
                          f"{cfg.model_name} from {cfg.checkpoint} is {base.checksum[:12]}…")
-    head = _linear(tensors.pop("head.weight").float()) if cfg.head_init != "text" else None
-    proj = apply_lora(build_projector(cfg, stored_classes, base=base, head=head))
-    lora = proj.lora_state_dict()
-    if set(lora) != set(tensors):
-        raise ValueError(f"stored factors do not match the LoRA layout: {sorted(set(lora) ^ set(tensors))[:6]}")
-    with torch.no_grad():
-        for n, p in lora.items():
-            p.copy_(tensors[n])
-    return proj.to(device).eval()
+    return build_projector(cfg, stored_classes, base=base, head=None if head is None else _linear(head.float()))
+
+
+def projector_path(path: str | Path) -> Path:
+    """Where the projector at `path` is: a peft adapter directory (`synth.peft_export`: peft's
+    ADAPTER_CONFIG + ADAPTER_META; either file names it too) as is; else a file as is, or the
+    projector.safetensors in the directory `path` or in its labels/."""
+    found = find_projector(path)
+    if found is not None:
+        return found
+    p = Path(path)
+    raise FileNotFoundError(f"{p}: no HeLlO projector here: give a {FILE} file, a directory holding one (or its "
+                            f"{LABELS_DIR}/), or a peft adapter directory ({ADAPTER_CONFIG} + {ADAPTER_META})")
 
 
 def projector_bytes(path_dir: str | Path) -> int:

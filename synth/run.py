@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from distill.artefacts import load_tensors, read_metadata, save_tensors, sha256_file
+from distill.artefacts import ensure_writable, load_tensors, read_metadata, save_tensors, sha256_file
 from distill.config import dump_config
 from distill.data import ImageSet, load_data
 from distill.distributed import rank_world, resolve_device
@@ -164,6 +164,7 @@ class SynthJob:
         self.chunks = plan_chunks(cfg, self.real.num_classes)
         self.method_cls(self.opts, self.context())  # a method's own checks (e.g. BN teachers) run now
         self._check_existing()
+        ensure_writable(self.root, "out_dir")
 
     def context(self) -> SynthContext:
         return SynthContext(self.real, self.by_class, self.teachers, self.mean.to(self.device),

@@ -12,7 +12,6 @@ import torch
 from distill.config import ModelConfig
 from distill.models import ImageClassifier, create_model
 
-
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
