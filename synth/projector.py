@@ -15,9 +15,11 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
 import re
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -143,7 +145,7 @@ def build_encoder(cfg: ProjectorConfig) -> Base:
             import open_clip  # heavy, optional: open_clip encoders only
             model = open_clip.create_model(cfg.model_name, pretrained=None)
             if cfg.checkpoint:
-                open_clip.load_checkpoint(model, cfg.checkpoint, strict=True, weights_only=True)
+                _load_open_clip(open_clip, model, cfg)
             body, tok = model.visual, open_clip.get_tokenizer(cfg.model_name)
             size = model.visual.image_size
             pre = getattr(model.visual, "preprocess_cfg", {}) or {}
@@ -163,6 +165,24 @@ def build_encoder(cfg: ProjectorConfig) -> Base:
     mean, std = cfg.mean or mean, cfg.std or std
     enc = ImageEncoder(body, size, mean, std, in_chans=len(mean))
     return Base(enc, state_checksum(model), model if cfg.kind == "open_clip" else None, tok)
+
+
+def _load_open_clip(open_clip, model: nn.Module, cfg: ProjectorConfig) -> None:
+    """open_clip's own loader (key remapping, weights_only=True). OpenAI's original `.pt` files are
+    TorchScript archives, which would run their code: refused, saying how to convert them."""
+    path = Path(cfg.checkpoint)
+    if zipfile.is_zipfile(path) and any("/code/" in n for n in zipfile.ZipFile(path).namelist()):
+        raise ValueError(f"{path} is a TorchScript archive (OpenAI's original CLIP format), which is not loaded here "
+                         f"(it runs its own code); where you trust it, convert it once: "
+                         f"open_clip.create_model('{cfg.model_name.removesuffix('-quickgelu')}-quickgelu', "
+                         f"pretrained='{path}') and save model.state_dict() with safetensors; then use model "
+                         f"'{cfg.model_name.removesuffix('-quickgelu')}-quickgelu' (OpenAI's weights were trained "
+                         f"with QuickGELU)")
+    try:
+        open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+    except (RuntimeError, KeyError, pickle.UnpicklingError) as err:
+        raise ValueError(f"{path}: open_clip cannot load it into {cfg.model_name!r} ({str(err).splitlines()[0][:200]}); "
+                         f"check the model name (OpenAI-trained weights need the '-quickgelu' variant)") from None
 
 
 def _engine_classifier(cfg: ProjectorConfig):

@@ -208,3 +208,16 @@ def test_engine_checkpoint_as_encoder(tmp_path):
     assert all(p.grad is not None for p in proj.lora_state_dict().values())
     with pytest.raises(ValueError, match="needs the checkpoint"):
         ProjectorConfig(kind="engine", model_name="test_resnet", head_init="prototype")
+
+
+def test_open_clip_checkpoints_load_with_open_clips_loader_and_torchscript_is_refused(tiny_cfg, tmp_path):
+    base = build_encoder(tiny_cfg)  # open_clip.load_checkpoint, strict, weights_only
+    assert base.checksum == build_encoder(tiny_cfg).checksum
+    model = open_clip.create_model("tinyclip_test", pretrained=None)
+    with pytest.warns(torch.jit.TracerWarning):  # tracing an attention block warns; the archive is what matters
+        torch.jit.save(torch.jit.trace(model.visual, torch.rand(1, 3, 32, 32)), str(tmp_path / "openai.pt"))
+    with pytest.raises(ValueError, match="TorchScript archive .*-quickgelu"):
+        build_encoder(dataclasses.replace(tiny_cfg, checkpoint=str(tmp_path / "openai.pt")))
+    torch.save({"not": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="open_clip cannot load it into 'tinyclip_test'"):
+        build_encoder(dataclasses.replace(tiny_cfg, checkpoint=str(tmp_path / "other.pt")))
