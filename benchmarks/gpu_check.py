@@ -7,13 +7,17 @@ that every row runs (tiny timm models, 32 px, a minute or so on two cores).
     benchmarks/gpu_check.sh --cpu --tiny         # no GPU: test_resnet student, test_convnext teacher, 32 px
     benchmarks/gpu_check.sh --cpu                # the real models on the CPU (slow; small batch)
     benchmarks/gpu_check.sh --rows hard,plain_hard --batch 64      # a subset again, e.g. after a failure
+  Without the repo's .venv (a bare GPU machine) the wrapper runs python3, after installing any wheels
+  found in .whl/ outside the tree: the engine needs pydantic (+ pydantic-core, annotated-types,
+  typing-inspection), the deepspeed row deepspeed and hjson, beside torch, timm, safetensors, PyYAML.
   options: --batch N  --size PX  --classes K  --precision fp32|bf16  --budget-seconds S (default 280; --tiny 100)
            --out PATH (default runs/gpu_check/results.json)  --rows KEY,KEY  --warmup N --windows N --steps N
 
 Rows (each guarded: a row that fails prints its error in the notes column and the check goes on; a row
 that would run past --budget-seconds is stopped or skipped, so the whole check is bounded):
   hard            hard-label step: `students.build.create_step/create_backend` (backend plain), the run's
-                  random crops (`distill.runner.training_views`), and the trainer's sequence per step —
+                  random crops (`distill.runner.training_views`), and the trainer's step
+                  (`Trainer.train_step` where the trainer has it, else the same sequence written here):
                   batch to device → labeler → autocast forward → `.item()` of the terms → finite-loss check
                   → backward → finite-gradient check → optimiser step → finite-weights check
   kd_fp32         online KD (labels.source pool): `EnsemblePool` of one `teachers.teacher.Teacher`, fp32
@@ -627,7 +631,8 @@ def main() -> int:
             continue
         row = run_row(ctx, key, labels[key])
         ctx.results[key] = row
-        status = f"FAILED {row.error}" if row.error else f"{row.images_per_s:.1f} images/s, {row.ms_per_step:.1f} ms/step"
+        status = (f"FAILED {row.error}" if row.error else
+                  f"{row.images_per_s:.1f} images/s, {row.ms_per_step:.1f} ms/step")
         print(f"  {key:<14} {row.seconds:6.1f} s  {status}", flush=True)
 
     rows = []

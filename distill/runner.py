@@ -53,6 +53,8 @@ def preflight(cfg: RunConfig, data: tuple[ImageSet, ImageSet] | None = None
     checkpoints' headers fit its classes."""
     device = rank_device(resolve_device(cfg.device), cfg.trainer.backend)  # cuda:LOCAL_RANK under a launcher
     check_precision(cfg.precision, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed-size batches: let cuDNN pick its fastest kernels once
     train_set, test_set = data or load_data(cfg.data)
     check_checkpoints(cfg, train_set.num_classes)
     return device, train_set, test_set

@@ -58,6 +58,7 @@ def warmup_factor(cfg: OptimConfig, step: int) -> float:
 @BACKENDS.register("plain")
 class PlainBackend:
     rank, world_size = 0, 1
+    checks_gradients = True  # grads_finite sees every gradient: no weight check needed after a step
 
     def __init__(self, module: nn.Module, groups: list[dict], optim: OptimConfig, precision: str,
                  device: torch.device, trainer: TrainerConfig | None = None):
@@ -88,7 +89,7 @@ class PlainBackend:
         if (self._micro + 1) % self.grad_accum or self.scaler.is_enabled():
             return True
         grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        return not grads or bool(torch.isfinite(torch.stack([torch.linalg.vector_norm(g) for g in grads])).all())
+        return not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())  # one sync
 
     def discard(self) -> None:
         """Drop this window's gradients without stepping (on_nonfinite: skip_step)."""

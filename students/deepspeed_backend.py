@@ -108,6 +108,8 @@ class DeepSpeedBackend:
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)  # scales by 1/grad_accum; reduces gradients at the boundary
 
+    checks_gradients = False  # ZeRO partitions them: the trainer checks the weights after each step
+
     def grads_finite(self) -> bool:
         """ZeRO partitions gradients across ranks: the trainer checks the loss before backward and
         the weights after each step instead (a non-finite gradient shows there)."""

@@ -89,7 +89,7 @@ class Trainer:
         loader = DataLoader(self.train_set, batch_size=micro_batch(cfg.batch_size, b.world_size, b.grad_accum),
                             sampler=ShardedSampler(len(self.train_set), b.rank, b.world_size, gen),
                             generator=gen, num_workers=cfg.num_workers, drop_last=len(self.train_set) > cfg.batch_size,
-                            collate_fn=collate_skipping)
+                            collate_fn=collate_skipping, pin_memory=b.device.type == "cuda")
         micro_steps = len(loader) // b.grad_accum * b.grad_accum  # the backend's accumulation: it steps per window
         if micro_steps == 0:
             raise ConfigError(f"trainer.grad_accum {b.grad_accum}: {len(self.train_set)} training images do not fill "
@@ -148,7 +148,7 @@ class Trainer:
             b.discard()
             return self.nonfinite("gradient", epoch, values)
         b.step()
-        if (self.global_step + 1) % b.grad_accum == 0 and not self.weights_finite():
+        if not b.checks_gradients and (self.global_step + 1) % b.grad_accum == 0 and not self.weights_finite():
             self.nonfinite("weight after the optimiser step", epoch, values, can_skip=False)
         return values
 
@@ -170,8 +170,7 @@ class Trainer:
             f"the same command with those overrides: it resumes from that checkpoint (resumable keys: docs/errors.md)")
 
     def weights_finite(self) -> bool:
-        return bool(torch.isfinite(torch.stack([torch.linalg.vector_norm(p.detach().float())
-                                                for p in self.step.parameters()])).all())
+        return bool(torch.isfinite(torch.stack(torch._foreach_norm([p.detach() for p in self.step.parameters()]))).all())
 
     def evaluate(self) -> dict[str, float]:
         """Each rank scores its interleaved share of the test set; per-image sums are reduced."""
