@@ -193,6 +193,9 @@ class SynthConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
     device: Device = "auto"
+    # teachers' passes that need no gradient (real_confident init, relabel, HeLlO fit targets) run
+    # under autocast at this precision, channels_last; bn_matching's own passes stay fp32
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     out_dir: Path = Path("runs/synth")
     data: DataConfig = DataConfig()
     ipc: int = Field(ge=1)
@@ -252,9 +255,10 @@ class SynthConfig(Strict):
                            "storage"))
 
     def _hash(self, leave_out: tuple[str, ...]) -> str:
-        d = self.to_dict()
+        """Keys at their defaults are left out, so a field added later keeps older hashes."""
+        d = self.model_dump(mode="json", exclude_defaults=True)
         for k in leave_out:
-            d.pop(k)
+            d.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -252,8 +252,9 @@ def _teachers_for_relabel(art: Artefact, train: ImageSet, device: torch.device) 
         except ValidationError as err:
             raise ConfigError(f"the random subset is relabelled with the artefact's teachers, but teachers.{i} of "
                               f"{art.root / 'recipe.yaml'} cannot be built: {err}") from None
-        teachers.append(create_teacher(t, train.num_classes, train.channels, train.image_size,
-                                       train.class_names).to(device))
+        teacher = create_teacher(t, train.num_classes, train.channels, train.image_size, train.class_names).to(device)
+        precision = yaml.safe_load(art.recipe_yaml).get("precision", "fp32")  # the artefact's own relabel precision
+        teachers.append(teacher.configure(precision, channels_last=precision != "fp32"))
     return teachers
 
 

@@ -22,7 +22,7 @@ import torch
 from distill.artefacts import ensure_writable, load_tensors, read_metadata, save_tensors, sha256_file
 from distill.config import dump_config
 from distill.data import ImageSet, load_data
-from distill.distributed import rank_world, resolve_device
+from distill.distributed import check_precision, rank_world, resolve_device
 from distill.errors import ArtefactError, ConfigError
 from distill.models import CHECKPOINT_FORMAT, read_checkpoint_header
 from distill.progress import Progress, set_interval
@@ -98,7 +98,8 @@ def build_teachers(cfg: SynthConfig, real: ImageSet, device: torch.device) -> li
         if meta.get("format") == CHECKPOINT_FORMAT and meta["num_classes"] != real.num_classes:
             raise ConfigError(f"teachers.{i}.checkpoint: {t.checkpoint} was trained for {meta['num_classes']} "
                               f"classes; the data has {real.num_classes}")
-        out.append(create_teacher(t, real.num_classes, real.channels, real.image_size, real.class_names).to(device))
+        teacher = create_teacher(t, real.num_classes, real.channels, real.image_size, real.class_names).to(device)
+        out.append(teacher.configure(cfg.precision, channels_last=cfg.precision != "fp32"))
     return out
 
 
@@ -146,6 +147,7 @@ class SynthJob:
         self.cfg, self.rank, self.world, self.progress = cfg, rank, world, progress
         self.root = cfg.run_dir
         self.device = resolve_device(cfg.device)
+        check_precision(cfg.precision, self.device)
         self.real, _ = data or load_data(cfg.data)
         self.by_class = class_indices(self.real)
         empty = [self.real.class_names[c] for c, i in self.by_class.items() if len(i) == 0]
