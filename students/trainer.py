@@ -1,8 +1,9 @@
 """`Trainer`: one loop for every student job — hard labels, online teachers, stored labels.
 
 Per epoch: seeded order and crops → labels from the batch labeler (outside the backend: teachers
-are frozen and replicated) → `DistillStep` → backend. Then evaluation, an atomic checkpoint of
-everything a resume needs, and one metrics line. A killed run resumes from its last checkpoint and
+are frozen and replicated) → `DistillStep` → backend, every step checked finite (loss; gradients
+or weights; `trainer.on_nonfinite`, docs/errors.md) and logged (`distill.step_log`). Then
+evaluation, an atomic checkpoint of everything a resume needs, and one metrics line. A killed run resumes from its last checkpoint and
 finishes with the same weights as an uninterrupted one (CPU; per-epoch seeding).
 Under several ranks (DeepSpeed backend) each loads its share of the global batch, drawn as one
 process would draw it (distill.distributed); losses and test metrics are reduced over ranks, and
