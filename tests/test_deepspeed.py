@@ -212,8 +212,10 @@ def test_killed_two_process_run_resumes(ds_env, ds_runs, recipe_file, out_dir):
     run = recipe_file.parent / "runs" / "killed"
     with open(out_dir / "killed.log", "w") as log:
         proc = subprocess.Popen(args, env=ds_env, cwd=REPO, stdout=log, stderr=log)
+        # the first checkpoint is durable once its manifest and the metrics written after it exist
         manifest, deadline = run / "checkpoints" / "last.safetensors", time.monotonic() + RUN_TIMEOUT_S
-        while not manifest.exists():
+        metrics = run / "metrics.jsonl"
+        while not (manifest.exists() and metrics.exists() and metrics.read_text().strip()):
             assert proc.poll() is None, (out_dir / "killed.log").read_text()[-4000:]
             assert time.monotonic() < deadline
             time.sleep(0.02)
