@@ -216,10 +216,7 @@ def _load_job_state(path: Path, cfg: RunConfig) -> dict[str, Any] | None:
     if not path.exists():
         return None
     state, meta = load_state(path)
-    ours, theirs = (cfg.resume_hash(), meta["resume_hash"]) if "resume_hash" in meta else (cfg.hash(), meta.get("config_hash"))
-    if ours != theirs:
-        raise ArtefactError(f"{path}: written by a different recipe (hash {theirs} != {ours}); use another "
-                            f"`name`/`out_dir`, or delete the run directory")
+    cfg.check_written_by(path, meta)
     return state
 
 

@@ -21,7 +21,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Di
 
 from distill.artefacts import ADAPTER_CONFIG, ADAPTER_META, LABELS_DIR, PROJECTOR_FILE, find_projector
 from distill.deepspeed_config import adopt_sections, check_deepspeed_config, read_deepspeed_config
-from distill.errors import ConfigError
+from distill.errors import ArtefactError, ConfigError
 from distill.models import is_known_model, suggest_models
 
 
@@ -412,13 +412,12 @@ class RunConfig(Strict):
         """Identity of what is trained (not where it is written, nor how it reports): checkpoints
         carry it. Keys left at their defaults are left out, so a field added later at its default
         keeps every older recipe's hash."""
-        d = self.model_dump(mode="json", exclude_defaults=True, exclude={"out_dir", "log"})
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return _digest(self.model_dump(mode="json", exclude_defaults=True, exclude={"out_dir", "log"}))
 
     def resume_hash(self) -> str:
         """The hash without the keys a resume may change (`RESUMABLE`): a run stopped by a
         non-finite loss resumes after, e.g., `optim.lr=0.01 trainer.grad_clip=1`."""
-        d = json.loads(json.dumps(self.model_dump(mode="json", exclude_defaults=True, exclude={"out_dir", "log"})))
+        d = self.model_dump(mode="json", exclude_defaults=True, exclude={"out_dir", "log"})
         for key in RESUMABLE:
             *parents, leaf = key.split(".")
             node = d
@@ -427,7 +426,21 @@ class RunConfig(Strict):
             node.pop(leaf, None)
             if parents and not node:
                 d.pop(parents[0], None)  # a section left empty is the same as one left at its defaults
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return _digest(d)
+
+    def check_written_by(self, path: Path, meta: dict[str, Any]) -> None:
+        """Refuse (ArtefactError, before anything is written) state at `path` that another recipe
+        wrote; keys in `RESUMABLE` may differ. Files older than `resume_hash` carry `config_hash` only."""
+        ours, theirs = ((self.resume_hash(), meta["resume_hash"]) if "resume_hash" in meta
+                        else (self.hash(), meta.get("config_hash")))
+        if ours != theirs:
+            raise ArtefactError(f"{path}: written by a different recipe (hash {theirs} != {ours}; a resume may change only "
+                                f"{', '.join(RESUMABLE)}); use another `name`/`out_dir`, or delete the run directory "
+                                f"to start over")
+
+
+def _digest(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # keys a resumed run may change (docs/errors.md): how long, how it loads/reports/clips, and the step size

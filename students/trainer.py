@@ -21,10 +21,10 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from distill.artefacts import strict_json, write_text
-from distill.config import RESUMABLE, RunConfig
+from distill.config import RunConfig
 from distill.data import ImageSet, collate_skipping
 from distill.distributed import ShardedSampler, micro_batch
-from distill.errors import ArtefactError, ConfigError, TrainingError
+from distill.errors import ConfigError, TrainingError
 from distill.models import save_model
 from distill.progress import Progress, say
 from distill.step_log import StepLog
@@ -198,12 +198,7 @@ class Trainer:
         meta = self.backend.checkpoint_meta(self.ckpt_path)
         if meta is None:
             return None
-        ours, theirs = (self.cfg.resume_hash(), meta["resume_hash"]) if "resume_hash" in meta else \
-            (self.cfg.hash(), meta.get("config_hash"))
-        if ours != theirs:
-            raise ArtefactError(
-                f"{self.ckpt_path}: written by a different recipe (hash {theirs} != {ours}; a resume may change only "
-                f"{', '.join(RESUMABLE)}); use another `name`/`out_dir`, or delete the run directory to start over")
+        self.cfg.check_written_by(self.ckpt_path, meta)
         return meta
 
     def maybe_resume(self) -> None:
