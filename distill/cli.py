@@ -39,7 +39,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from distill.demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick, recipes=Path(args.recipes) if args.recipes else None)
+    run_demo(Path(args.out), quick=args.quick, recipes=Path(args.recipes) if args.recipes else None, seeds=args.seeds)
 
 
 def cmd_labels(args: argparse.Namespace) -> None:
@@ -115,9 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="teachers → hard / single-teacher / MEAL V2 students on digits, with a report")
+    d = sub.add_parser("demo", help="teachers label the digits a student has no labels for; 4 students over seeds, with a report")
     d.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     d.add_argument("--quick", action="store_true", help="a reduced budget (seconds, for tests)")
+    d.add_argument("--seeds", type=int, default=3, help="student seeds per row (mean ± std; default 3)")
     d.add_argument("--recipes", default=None, help="folder of the demo recipes (default: the repo's configs/demo)")
     d.set_defaults(fn=cmd_demo)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -44,6 +45,27 @@ def plot_table(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]],
     table.auto_set_font_size(False)
     table.set_fontsize(8)
     table.scale(1, 1.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def plot_bars(path: Path, groups: dict[str, list[float]], title: str = "") -> None:
+    """One bar per group at its mean, whiskers at ± std, every value drawn as a dot."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 0.9 + 0.55 * len(groups)))
+    for i, values in enumerate(groups.values()):
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        ax.barh(i, statistics.mean(values), xerr=std, color="#9bb7d4", capsize=4)
+        ax.plot(values, [i] * len(values), "k.", ms=5)
+    ax.set_yticks(range(len(groups)), list(groups), fontsize=8)
+    lo = min(min(v) for v in groups.values())
+    ax.set_xlim(max(0.0, lo - 5), 100)
+    ax.invert_yaxis()
+    ax.grid(axis="x", alpha=0.3)
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()

@@ -21,14 +21,20 @@ def test_help_lists_every_command_with_a_purpose(capsys):
 
 
 def test_demo_end_to_end_reduced_budget(tmp_path, capsys):
-    assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
+    assert main(["demo", "--quick", "--seeds", "2", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
-    for run in ("teacher_resnet", "teacher_convnext", "teacher_efficientnet", "student_hard", "student_kd", "student_meal_v2"):
+    for run in ("teacher_resnet", "teacher_convnext", "teacher_efficientnet", "student_hard_labelled", "student_kd",
+                "student_meal_v2", "student_hard"):
         assert run in out
-    assert (tmp_path / "demo" / "report.md").read_text().count("|") > 20
-    assert (tmp_path / "demo" / "curves.png").stat().st_size > 0 and (tmp_path / "demo" / "table.png").exists()
-    meal = tmp_path / "demo" / "students" / "student_meal_v2"
-    assert {"config.yaml", "metrics.jsonl", "report.md", "student.safetensors"} <= {p.name for p in meal.iterdir()}
+    assert "Teacher labels on the images without labels" in out and " ± " in out
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert report.count("|") > 20 and "students.png" in report
+    for plot in ("curves.png", "table.png", "students.png"):
+        assert (tmp_path / "demo" / plot).stat().st_size > 0
+    for seed in (0, 1):  # every seed is its own run directory, with its own seed
+        meal = tmp_path / "demo" / "students" / f"seed{seed}" / "student_meal_v2"
+        assert {"config.yaml", "metrics.jsonl", "report.md", "student.safetensors"} <= {p.name for p in meal.iterdir()}
+        assert f"seed: {seed}" in (meal / "config.yaml").read_text()
 
     assert main(["eval", str(meal), "--data", "digits"]) == 0
     assert "top1" in capsys.readouterr().out
