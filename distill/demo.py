@@ -115,7 +115,7 @@ def _headline(bars: dict[str, list[float]], students) -> str:
     gain = {name: statistics.mean(v) - statistics.mean(alone) for name, v in (("best teacher", single),
                                                                                 ("MEAL V2 ensemble", ensemble))}
     lost = statistics.mean(ceiling) - statistics.mean(alone)
-    return (f"Teacher labels on the images without labels, over the labelled-only student: "
+    return ("Teacher labels on the images without labels, over the labelled-only student: "
             + ", ".join(f"{k} {v:+.2f}" for k, v in gain.items())
             + f" top-1 points (all labels: {lost:+.2f}); the largest seed std is {spread:.2f}.")
 
