@@ -135,6 +135,9 @@ class PlainBackend:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["module"])
+        configured = [g["base_lr"] for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for g, base_lr in zip(self.optimizer.param_groups, configured):
+            g["base_lr"] = base_lr  # the recipe's lr, not the checkpoint's: a resume may change optim.lr
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])

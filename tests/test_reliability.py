@@ -63,6 +63,7 @@ def test_nan_loss_stops_keeps_the_last_checkpoint_and_resumes_after_a_fix(tiny_r
     resumed = train(parse_config({**raw, "optim": {"lr": 0.02}}))
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3] and resumed.history[0] == rows[0]
     assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["lr"] == 0.02
+    assert resumed.history[1]["lr"] <= 0.02 < rows[0]["lr"]  # the resumed epochs follow the new lr, not the checkpoint's
 
 
 def test_refused_resume_changes_no_file(tiny_recipe):
