@@ -36,6 +36,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print("  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
 
 
+def cmd_data_pack(args: argparse.Namespace) -> None:
+    from distill.pack import pack_imagefolder, parse_size
+
+    m = pack_imagefolder(Path(args.imagefolder), Path(args.out), parse_size(args.shard_size), args.seed)
+    for split, info in m["splits"].items():
+        print(f"{split}: {info['images']} images in {len(info['shards'])} shard(s), {info['bytes'] / 1e6:.1f} MB")
+    print(f"{args.out}: {len(m['class_names'])} classes; data: {{source: webdataset, urls: "
+          f"{Path(args.out) / 'train'}-{{000000..{len(m['splits']['train']['shards']) - 1:06d}}}.tar}}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from distill.demo import run_demo
 
@@ -135,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workers", type=int, default=0, help="DataLoader worker processes decoding images (default 0)")
     e.add_argument("--batch-size", type=int, default=256)
     e.set_defaults(fn=cmd_eval)
+
+    da = sub.add_parser("data", help="data tools: `data pack` writes WebDataset shards from an ImageFolder tree")
+    dsub = da.add_subparsers(dest="data_command", required=True, metavar="TOOL")
+    dp = dsub.add_parser("pack", help="an ImageFolder tree (train/, val/) → WebDataset tar shards + manifest (resumable)")
+    dp.add_argument("imagefolder", help="ImageFolder root holding train/<class>/* and val/<class>/* (or test/)")
+    dp.add_argument("out", help="folder for the shards (train-000000.tar, val-000000.tar, ...) and manifest.json")
+    dp.add_argument("--shard-size", default="1GB", help="bytes of images per shard, e.g. 1GB, 256MB (default 1GB)")
+    dp.add_argument("--seed", type=int, default=0, help="seed of the training split's shuffled order (default 0)")
+    dp.set_defaults(fn=cmd_data_pack)
 
     v = sub.add_parser("validate", help="check a recipe (and overrides) without running it")
     v.add_argument("recipe")

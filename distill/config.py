@@ -66,13 +66,45 @@ class AugmentConfig(Strict):
     flip: bool = False  # off by default: digits are not mirror-symmetric
 
 
+class SubsetConfig(Strict):
+    """`data.train_subset`: a seeded, class-balanced subset of the training images."""
+
+    per_class: int = Field(ge=1)  # images per class (all of a class that has fewer)
+    seed: int = 0
+
+
+class LoaderConfig(Strict):
+    """How training batches reach the device. One DataLoader serves the whole run (workers persist
+    across epochs); the epoch's order and crops stay a function of (seed, epoch), so resume is exact."""
+
+    pin_memory: bool | Literal["auto"] = "auto"  # auto: on when training on a GPU
+    persistent_workers: bool = True  # with trainer.num_workers > 0: keep the workers between epochs
+    prefetch_factor: int = Field(2, ge=1)  # batches each worker loads ahead (num_workers > 0)
+    channels_last: bool = False  # student and its input batches in channels_last memory format (GPU)
+
+
+DATA_SOURCES = ("digits", "npz", "imagefolder", "webdataset")  # distill.data.DATA_SOURCES registers each
+
+
 class DataConfig(Strict):
-    source: Literal["digits", "npz", "imagefolder"] = "digits"
+    """Where images come from (`source`, a name in `distill.data.DATA_SOURCES`) and how they are
+    served. In-memory sources (digits, npz) are resized to `image_size` at load and cropped per
+    batch; image files (imagefolder, webdataset) are decoded in loader workers and cropped on the
+    whole photo (docs/data.md)."""
+
+    source: Literal[DATA_SOURCES] = "digits"
     path: Path | None = None  # .npz file, or an ImageFolder root holding train/ and val/ (or test/)
-    image_size: int = Field(32, ge=8, le=1024)  # images are resized to this square size at load
+    urls: str | None = None  # webdataset: training shards, e.g. /data/in1k/train-{000000..000146}.tar
+    val_urls: str | None = None  # webdataset: test shards; None: the pack manifest's val split
+    image_size: int = Field(32, ge=8, le=1024)  # the square the student sees (crops and eval images)
     channels: Literal[1, 3] | None = None  # None: the data's own (digits/MNIST 1, ImageFolder 3)
-    train_limit: int | None = Field(None, ge=1)  # first N training images (quick runs)
+    train_limit: int | None = Field(None, ge=1)  # N training images (quick runs; docs/data.md: which)
+    train_subset: SubsetConfig | None = None  # a seeded per-class subset (every source)
+    # image files: M crops cut from one decode (FKD's multi-crop), each a training view; a label
+    # store's replay uses labels.crops_per_image instead
+    crops_per_image: int = Field(1, ge=1, le=64)
     augment: AugmentConfig = AugmentConfig()
+    loader: LoaderConfig = LoaderConfig()
     # an ImageFolder file that cannot be decoded: `error` names it and stops; `skip` leaves it out of
     # its batch and counts it (metrics, report); a preflight decode of every file is too slow at scale
     on_bad_image: Literal["error", "skip"] = "error"
@@ -82,10 +114,38 @@ class DataConfig(Strict):
         if self.source == "digits":
             if self.path is not None:
                 raise ValueError("source 'digits' is built in and takes no path")
+        elif self.source == "webdataset":
+            if self.urls is None or self.path is not None:
+                raise ValueError("source 'webdataset' reads data.urls (shards, e.g. DIR/train-{000000..000146}.tar "
+                                 "written by `distill data pack`) and takes no data.path")
         elif self.path is None:
             raise ValueError(f"source {self.source!r} needs data.path")
         elif not self.path.exists():
             raise ValueError(f"data.path {str(self.path)!r} does not exist")
+        if self.source != "webdataset" and (self.urls or self.val_urls):
+            raise ValueError(f"data.urls/val_urls are for source 'webdataset' (source is {self.source!r})")
+        if self.crops_per_image > 1 and self.source in ("digits", "npz"):
+            raise ValueError(f"data.crops_per_image cuts several views from one decoded image file (sources imagefolder, "
+                             f"webdataset); source {self.source!r} is in memory and cropped per batch: leave it at 1")
+        if self.train_limit and self.train_subset:
+            raise ValueError("set data.train_limit (N images) or data.train_subset (per class), not both")
+        return self
+
+
+class EvalPreprocessConfig(Strict):
+    """`eval:`, how image files become test images: resize the short side to `resize` (default
+    image_size / crop_pct), centre-crop `image_size`. Unset keys come from the student's timm
+    `pretrained_cfg` (else the first teacher's; else crop_pct 1, bilinear), so top-1 is comparable
+    with timm's. In-memory data (digits, npz) is already at image_size and is used as is."""
+
+    resize: int | None = Field(None, ge=8)
+    crop_pct: float | None = Field(None, gt=0, le=1)
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "EvalPreprocessConfig":
+        if self.resize is not None and self.crop_pct is not None:
+            raise ValueError("set eval.resize (short side in pixels) or eval.crop_pct (image_size / short side), not both")
         return self
 
 
@@ -368,6 +428,7 @@ class RunConfig(Strict):
     optim: OptimConfig = OptimConfig()
     trainer: TrainerConfig = TrainerConfig()
     labels: LabelsConfig | None = None  # None: the pool's labels online, or hard labels without a pool
+    eval: EvalPreprocessConfig = EvalPreprocessConfig()
     log: LogConfig = LogConfig()
 
     @model_validator(mode="before")
@@ -444,7 +505,7 @@ def _digest(identity: dict[str, Any]) -> str:
 
 
 # keys a resumed run may change (docs/errors.md): how long, how it loads/reports/clips, and the step size
-RESUMABLE = ("trainer.epochs", "trainer.num_workers", "trainer.eval_batch_size", "trainer.checkpoint_every",
+RESUMABLE = ("trainer.epochs", "trainer.num_workers", "data.loader", "trainer.eval_batch_size", "trainer.checkpoint_every",
              "trainer.grad_clip", "trainer.on_nonfinite", "trainer.max_skipped_steps", "optim.lr", "precision",
              "device")
 

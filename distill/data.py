@@ -1,25 +1,31 @@
-"""Data: the built-in digits, `.npz` arrays and ImageFolder trees, all served the same way.
+"""Data sources, one registry (`DATA_SOURCES`, the recipe's `data.source`): the built-in digits,
+`.npz` arrays, ImageFolder trees and WebDataset shards.
 
 Every dataset yields `(uint8 image [C, S, S], target, index)` at the recipe's square `image_size`
-and carries its `class_names` (they travel into every artefact). Training augmentation happens
-per batch on float images (`distill.augment`), where crop boxes can be recorded and replayed.
+for testing and carries its `class_names` (they travel into every artefact). In-memory sets
+(digits, npz: the fast path) are resized at load and cropped per batch on float images
+(`distill.augment`); image files are decoded and cropped on the whole photo in loader workers
+(`distill.imagefiles`). `data.train_limit` and `data.train_subset` apply to every source.
 """
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, default_collate
 
-from distill.config import DataConfig
+from distill.config import DataConfig, RunConfig
 from distill.errors import DataError
+from distill.imagefiles import EvalTransform, ImageFiles, ImageFolderSet, resolve_eval
+from distill.registry import Registry
+from distill.webdataset_source import load_webdataset_sets
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+# name → loader(cfg, eval transform, splits) → one dataset per split ("train", "test")
+DATA_SOURCES: Registry[Callable[[DataConfig, EvalTransform | None, tuple[str, ...]], list]] = Registry("data source")
 
 
 class ImageSet(Dataset):
@@ -47,85 +53,15 @@ class ImageSet(Dataset):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def subset(self, index: torch.Tensor) -> "ImageSet":
+        return ImageSet(self.images[index], self.targets[index], self.class_names)
+
     def fingerprint(self) -> str:
         """Identity of the data (images, targets, classes): artefacts derived from it carry this."""
         h = hashlib.sha256()
         h.update(self.images.numpy().tobytes())
         h.update(self.targets.numpy().tobytes())
         h.update("\x00".join(self.class_names).encode())
-        return h.hexdigest()[:16]
-
-
-class ImageFolderSet(ImageSet):
-    """`root/<class>/<image>` read lazily with PIL, resized (short side) and centre-cropped to S.
-    A file that does not decode raises a DataError naming it, or (`on_bad_image="skip"`) yields
-    None — `collate_skipping` drops it from its batch — and is counted in `skipped`, shared with
-    the DataLoader's worker processes."""
-
-    def __init__(self, root: Path, image_size: int, channels: int, class_names: tuple[str, ...] | None = None,
-                 on_bad_image: str = "error"):
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-        if not classes:
-            raise DataError(f"{root}: no class folders (expected {root}/<class>/<image>)")
-        if class_names is not None and tuple(classes) != tuple(class_names):
-            raise DataError(f"{root}: class folders {classes} differ from the training classes {list(class_names)}")
-        self.files: list[Path] = []
-        targets = []
-        empty = []
-        for c, name in enumerate(classes):
-            files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            empty += [name] * (not files)
-            self.files += files
-            targets += [c] * len(files)
-        if empty:
-            raise DataError(f"{root}: class folder(s) {empty[:8]} hold no images with suffix {sorted(IMAGE_SUFFIXES)}; "
-                            f"every class needs images (remove the folder, or add its images)")
-        self.targets, self.class_names = torch.tensor(targets), tuple(classes)
-        self._size, self._channels, self.on_bad_image = image_size, channels, on_bad_image
-        self._skipped = multiprocessing.Value("i", 0)  # inherited by forked DataLoader workers
-
-    @property
-    def skipped(self) -> int:
-        """Files left out so far because they did not decode (`on_bad_image: skip`)."""
-        return self._skipped.value
-
-    def __getitem__(self, i: int):
-        try:
-            return self._decode(i), self.targets[i], i
-        except (OSError, ValueError, SyntaxError) as err:  # what PIL raises for broken/unknown files
-            if self.on_bad_image == "error":
-                raise DataError(f"{self.files[i]}: cannot be decoded as an image ({err}); fix or remove the file, or "
-                                f"set data.on_bad_image: skip to leave such files out (counted in the report)") from None
-            with self._skipped.get_lock():
-                self._skipped.value += 1
-            return None
-
-    def _decode(self, i: int) -> torch.Tensor:
-        from PIL import Image  # only image files need it
-
-        with Image.open(self.files[i]) as im:
-            im = im.convert("L" if self._channels == 1 else "RGB")
-            w, h = im.size
-            s = self._size / min(w, h)
-            im = im.resize((max(self._size, round(w * s)), max(self._size, round(h * s))), Image.BILINEAR)
-            left, top = (im.size[0] - self._size) // 2, (im.size[1] - self._size) // 2
-            im = im.crop((left, top, left + self._size, top + self._size))
-            arr = np.asarray(im, dtype=np.uint8).reshape(self._size, self._size, self._channels)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
-
-    @property
-    def channels(self) -> int:
-        return self._channels
-
-    @property
-    def image_size(self) -> int:
-        return self._size
-
-    def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for f, t in zip(self.files, self.targets.tolist()):
-            h.update(f"{f.name}:{t}:{f.stat().st_size}\n".encode())
-        h.update(f"{self._size}:{self._channels}".encode())
         return h.hexdigest()[:16]
 
 
@@ -207,13 +143,15 @@ def load_npz_sets(path: Path, image_size: int, splits: tuple[str, ...] = ("train
     return sets
 
 
-def load_imagefolder_sets(root: Path, image_size: int, channels: int,
-                          on_bad_image: str = "error") -> tuple[ImageFolderSet, ImageFolderSet]:
+def load_imagefolder_sets(root: Path, image_size: int, channels: int, on_bad_image: str = "error",
+                          eval_transform: EvalTransform | None = None,
+                          splits: tuple[str, ...] = ("train", "test")) -> list[ImageFolderSet]:
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
         raise DataError(f"{root}: an ImageFolder root holds train/ and val/ (or test/), each with one folder per class")
-    train = ImageFolderSet(root / "train", image_size, channels, on_bad_image=on_bad_image)
-    return train, ImageFolderSet(test_dir, image_size, channels, train.class_names, on_bad_image)
+    train = ImageFolderSet(root / "train", image_size, channels, None, on_bad_image, eval_transform)
+    test = ImageFolderSet(test_dir, image_size, channels, train.class_names, on_bad_image, eval_transform)
+    return [train if s == "train" else test for s in splits]
 
 
 def data_config_for(spec: str, image_size: int, channels: int) -> DataConfig:
@@ -227,41 +165,86 @@ def data_config_for(spec: str, image_size: int, channels: int) -> DataConfig:
     return DataConfig(source=source, path=path, image_size=image_size, channels=channels)
 
 
-def load_data(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
-    """(train, test) as the recipe describes them; `channels` converts when the recipe asks."""
-    if cfg.source == "digits":
-        train, test = load_digits_sets(cfg.image_size)
-    elif cfg.source == "npz":
-        train, test = load_npz_sets(cfg.path, cfg.image_size)
-    else:
-        return load_imagefolder_sets(cfg.path, cfg.image_size, cfg.channels or 3, cfg.on_bad_image)
-    if cfg.channels and cfg.channels != train.channels:
-        train, test = (_convert_channels(s, cfg.channels) for s in (train, test))
-    if cfg.train_limit:
-        train = subset(train, torch.arange(min(cfg.train_limit, len(train))))
-    return train, test
+def _digits(cfg: DataConfig, eval_transform: EvalTransform | None, splits: tuple[str, ...]) -> list[ImageSet]:
+    sets = dict(zip(("train", "test"), load_digits_sets(cfg.image_size)))
+    return [_channels(sets[s], cfg) for s in splits]
 
 
-def load_split(cfg: DataConfig, split: str) -> ImageSet:
+def _npz(cfg: DataConfig, eval_transform: EvalTransform | None, splits: tuple[str, ...]) -> list[ImageSet]:
+    return [_channels(s, cfg) for s in load_npz_sets(cfg.path, cfg.image_size, splits)]
+
+
+def _imagefolder(cfg: DataConfig, eval_transform: EvalTransform | None, splits: tuple[str, ...]) -> list:
+    return load_imagefolder_sets(cfg.path, cfg.image_size, cfg.channels or 3, cfg.on_bad_image, eval_transform, splits)
+
+
+def _webdataset(cfg: DataConfig, eval_transform: EvalTransform | None, splits: tuple[str, ...]) -> list:
+    return load_webdataset_sets(cfg.urls, cfg.val_urls, cfg.image_size, cfg.channels or 3, cfg.on_bad_image,
+                                eval_transform, splits)
+
+
+for _name, _load in (("digits", _digits), ("npz", _npz), ("imagefolder", _imagefolder), ("webdataset", _webdataset)):
+    DATA_SOURCES.register(_name)(_load)
+
+
+def load_data(cfg: DataConfig, eval_transform: EvalTransform | None = None) -> tuple[Any, Any]:
+    """(train, test) as the recipe describes them; `eval_transform`: how image files become test
+    images (None: short side to image_size, centre crop; `distill.imagefiles.resolve_eval`)."""
+    train, test = DATA_SOURCES.get(cfg.source)(cfg, eval_transform, ("train", "test"))
+    return limit_train(train, cfg), test
+
+
+def eval_transform_for(run: RunConfig) -> EvalTransform:
+    """The run's test-image protocol: its `eval:` keys, the rest from the student's (else the first
+    teacher's) timm pretrained_cfg."""
+    teachers = tuple(t.model for t in run.pool.teachers if hasattr(t, "model")) if run.pool else ()
+    e = run.eval
+    return resolve_eval(run.data.image_size, e.resize, e.crop_pct, e.interpolation, (run.student.model, *teachers))
+
+
+def eval_protocol(test: Any) -> str:
+    """How the test images were made, for the report."""
+    if isinstance(test, ImageFiles):
+        return test.eval_transform.describe()
+    return f"in-memory images at {test.image_size}px, used as loaded (no resize or crop)"
+
+
+def load_split(cfg: DataConfig, split: str, eval_transform: EvalTransform | None = None) -> Any:
     """One split, without decoding the other's images (`distill eval` scores one)."""
     if split not in ("train", "test"):
         raise DataError(f"split {split!r}; allowed: train, test")
-    if cfg.source != "npz":  # ImageFolder sets are lazy (a listing reads no image); digits are built in
-        return load_data(cfg)[0 if split == "train" else 1]
-    data = load_npz_sets(cfg.path, cfg.image_size, (split,))[0]
-    if cfg.channels and cfg.channels != data.channels:
-        data = _convert_channels(data, cfg.channels)
-    if split == "train" and cfg.train_limit:
-        data = subset(data, torch.arange(min(cfg.train_limit, len(data))))
-    return data
+    data = DATA_SOURCES.get(cfg.source)(cfg, eval_transform, (split,))[0]
+    return limit_train(data, cfg) if split == "train" else data
 
 
-def _convert_channels(s: ImageSet, channels: int) -> ImageSet:
-    x = s.images.expand(-1, 3, -1, -1) if channels == 3 else s.images.float().mean(1, keepdim=True).round().to(torch.uint8)
+def limit_train(train: Any, cfg: DataConfig) -> Any:
+    """`data.train_limit` (the first N images; image files: the first N of each class in turn, so
+    every class is kept) or `data.train_subset` (N per class, a seeded choice), for every source."""
+    if cfg.train_subset is not None:
+        gen = torch.Generator().manual_seed(cfg.train_subset.seed)
+        order = torch.randperm(len(train), generator=gen)
+        picked = [order[train.targets[order] == c][:cfg.train_subset.per_class] for c in range(train.num_classes)]
+        return subset(train, torch.cat(picked).sort().values)
+    if not cfg.train_limit or cfg.train_limit >= len(train):
+        return train
+    if isinstance(train, ImageFolderSet):  # listed class by class: interleave the classes
+        t = train.targets
+        rank_in_class = torch.arange(len(t)) - torch.searchsorted(t.contiguous(), t, side="left")
+        order = torch.argsort(rank_in_class * train.num_classes + t, stable=True)
+        return subset(train, order[:cfg.train_limit].sort().values)
+    return subset(train, torch.arange(cfg.train_limit))
+
+
+def _channels(s: ImageSet, cfg: DataConfig) -> ImageSet:
+    """Convert to the recipe's `channels` where it asks for other than the data's own."""
+    if not cfg.channels or cfg.channels == s.channels:
+        return s
+    x = s.images.expand(-1, 3, -1, -1) if cfg.channels == 3 else s.images.float().mean(1, keepdim=True).round().to(torch.uint8)
     return ImageSet(x.contiguous(), s.targets, s.class_names)
 
 
-def subset(s: ImageSet, index: torch.Tensor) -> ImageSet:
-    if isinstance(s, ImageFolderSet):
-        raise DataError("subsets of ImageFolder data are not supported; use a smaller folder")
-    return ImageSet(s.images[index], s.targets[index], s.class_names)
+def subset(s: Any, index: torch.Tensor) -> Any:
+    """The images at `index` of any dataset (each kind keeps its own representation)."""
+    if not hasattr(s, "subset"):
+        raise DataError(f"{type(s).__name__}: taking a subset is not supported for this data")
+    return s.subset(index)

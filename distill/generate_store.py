@@ -102,6 +102,6 @@ def generate_labels(cfg: RunConfig, rank: int | None = None, world: int | None =
     spec = store_spec(cfg, opts, train, desc)
     start = time.perf_counter()
     manifest = generate_store(opts.store, spec, train, source, device, generate_section(opts).batch_size,
-                              rank, world, progress, calibrator)
+                              rank, world, progress, calibrator, cfg.trainer.num_workers)
     return LabelsResult(Path(opts.store), manifest, rank, world, time.perf_counter() - start,
                         source.cost.total_queries, source.cost.total_seconds)

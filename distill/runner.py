@@ -16,9 +16,10 @@ import torch
 from distill.artefacts import ensure_writable, write_text
 from distill.augment import RandomCrops
 from distill.config import RunConfig, dump_config
-from distill.data import ImageSet, load_data
+from distill.data import ImageSet, eval_protocol, eval_transform_for, load_data
 from distill.distributed import GlobalBatchCrops, check_precision, rank_device, resolve_device
 from distill.errors import ArtefactError
+from distill.imagefiles import ImageFiles
 from distill.progress import set_interval
 from distill.recipe import as_run_config
 from distill.report import write_run_report
@@ -29,9 +30,12 @@ from teachers.labeling import LabelContext, labeling_for
 from teachers.source import Views
 
 
-def training_views(cfg: RunConfig, backend) -> Views:
+def training_views(cfg: RunConfig, backend, train_set=None) -> Views:
     """The recipe's random crops (`data.augment`); under several ranks or micro-steps, the global
-    batch's crops cut for this rank's images (distill.distributed)."""
+    batch's crops cut for this rank's images (distill.distributed). Image files arrive already cut
+    (in the loader's workers, from the whole photo: distill.imagefiles), so their views are as loaded."""
+    if isinstance(train_set, ImageFiles):
+        return lambda images, generator: images
     aug = cfg.data.augment
     crops = RandomCrops(aug.scale, aug.ratio, aug.flip)
     if backend.world_size * backend.grad_accum > 1:
@@ -55,7 +59,7 @@ def preflight(cfg: RunConfig, data: tuple[ImageSet, ImageSet] | None = None
     check_precision(cfg.precision, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed-size batches: let cuDNN pick its fastest kernels once
-    train_set, test_set = data or load_data(cfg.data)
+    train_set, test_set = data or load_data(cfg.data, eval_transform_for(cfg))
     check_checkpoints(cfg, train_set.num_classes)
     return device, train_set, test_set
 
@@ -71,7 +75,7 @@ def train(cfg: RunConfig | str | Path | dict, data: tuple[ImageSet, ImageSet] | 
     device, train_set, test_set = preflight(cfg, data)
     step = create_step(cfg, train_set)
     backend = create_backend(cfg, step, device)
-    labeler = labeling.build(LabelContext(train_set, device, training_views(cfg, backend),
+    labeler = labeling.build(LabelContext(train_set, device, training_views(cfg, backend, train_set),
                                           lambda: build_pool(cfg, train_set, device), cfg))
     trainer = Trainer(cfg, step, backend, train_set, test_set, labeler, cfg.run_dir)
     trainer.check_resume()  # refused before anything is written (another recipe's run directory)
@@ -82,7 +86,8 @@ def train(cfg: RunConfig | str | Path | dict, data: tuple[ImageSet, ImageSet] | 
     if backend.is_main:
         write_text(cfg.run_dir / "config.yaml", dump_config(cfg))
     history = trainer.fit()
-    final = {**final_record(history, labeler, backend), **labeling.summary(labeler)}
+    final = {**final_record(history, labeler, backend), **labeling.summary(labeler), "eval_protocol": eval_protocol(test_set)}
     if backend.is_main:
-        write_run_report(cfg.run_dir, cfg, history, final, labeling.describe(cfg), labeling.report(final))
+        write_run_report(cfg.run_dir, cfg, history, final, labeling.describe(cfg),
+                         [*labeling.report(final), f"- evaluation: {final['eval_protocol']}", ""])
     return RunResult(cfg, cfg.run_dir, history, final)

@@ -7,15 +7,22 @@ from torch.utils.data import DataLoader, Dataset
 from distill.data import collate_skipping
 
 
+def eval_loader(data: Dataset, batch_size: int = 256, device: str | torch.device = "cpu", num_workers: int = 0,
+                persistent: bool = False) -> DataLoader:
+    """Test images in order; `persistent` keeps the decoding workers for the next evaluation (a
+    trainer scores the same test set every epoch)."""
+    return DataLoader(data, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skipping,
+                      pin_memory=torch.device(device).type == "cuda", persistent_workers=persistent and num_workers > 0)
+
+
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, data: Dataset, batch_size: int = 256, device: str | torch.device = "cpu",
-             num_workers: int = 0) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, data: Dataset | DataLoader, batch_size: int = 256,
+             device: str | torch.device = "cpu", num_workers: int = 0) -> dict[str, float]:
     was_training = model.training
     model.eval()
     correct1 = correct5 = n = 0
     loss = 0.0
-    loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skipping,
-                        pin_memory=torch.device(device).type == "cuda")
+    loader = data if isinstance(data, DataLoader) else eval_loader(data, batch_size, device, num_workers)
     for batch in loader:
         if batch is None:  # every image of it failed to decode (data.on_bad_image: skip)
             continue

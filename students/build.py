@@ -35,6 +35,8 @@ def create_student(cfg: RunConfig, data: ImageSet) -> ImageClassifier:
     torch.manual_seed(cfg.seed)
     model = create_model(s.model, data.num_classes, data.channels, s.input_size or cfg.data.image_size,
                          data.class_names, s.mean, s.std, s.drop_rate, s.checkpoint, s.pretrained)
+    if cfg.data.loader.channels_last:
+        model.to(memory_format=torch.channels_last)  # before the optimiser and any engine see its weights
     if cfg.trainer.compile:
         model.compile()  # in place: checkpoints keep the model's own keys
     return model

@@ -1,10 +1,12 @@
 """`Trainer`: one loop for every student job — hard labels, online teachers, stored labels.
 
-Per epoch: seeded order and crops → labels from the batch labeler (outside the backend: teachers
-are frozen and replicated) → `DistillStep` → backend, every step checked finite (loss; gradients
-or weights; `trainer.on_nonfinite`, docs/errors.md) and logged (`distill.step_log`). Then
-evaluation, an atomic checkpoint of everything a resume needs, and one metrics line. A killed run resumes from its last checkpoint and
-finishes with the same weights as an uninterrupted one (CPU; per-epoch seeding).
+One DataLoader serves the whole run (its workers persist; image files are decoded and cropped in
+them, distill.imagefiles). Per epoch: seeded order and crops → labels from the batch labeler
+(outside the backend: teachers are frozen and replicated) → `DistillStep` → backend, every step
+checked finite (loss; gradients or weights; `trainer.on_nonfinite`, docs/errors.md) and logged
+(`distill.step_log`). Then evaluation, an atomic checkpoint of everything a resume needs, and one
+metrics line. A killed run resumes from its last checkpoint and finishes with the same weights as
+an uninterrupted one (CPU; per-epoch seeding, loader workers or not).
 Under several ranks (DeepSpeed backend) each loads its share of the global batch, drawn as one
 process would draw it (distill.distributed); losses and test metrics are reduced over ranks, and
 checkpoints go through the backend (collective), so the loop is the same for every backend.
@@ -24,11 +26,13 @@ from distill.artefacts import strict_json, write_text
 from distill.config import RunConfig
 from distill.data import ImageSet, collate_skipping
 from distill.distributed import ShardedSampler, micro_batch
+from distill.imagefiles import EpochKeys, ImageFiles, RandomCropPlan, TrainViews, collate_views
+from distill.webdataset_source import ShardStream, WebDatasetSet
 from distill.errors import ConfigError, TrainingError
 from distill.models import save_model
 from distill.progress import Progress, say
 from distill.step_log import StepLog
-from students.accuracy import evaluate
+from students.accuracy import eval_loader, evaluate
 from students.backends import lr_factor, warmup_factor
 from students.step import DistillStep
 from teachers.source import BatchLabeler
@@ -57,6 +61,8 @@ class Trainer:
         self.ckpt_path = self.run_dir / "checkpoints" / "last.safetensors"
         self.history: list[dict[str, Any]] = []
         self.start_epoch, self.global_step, self.epoch_start, self.skipped = 0, 0, 0, 0
+        self.loader: DataLoader | None = None
+        self.test_loader: DataLoader | None = None
         log = cfg.log
         self.steps = StepLog(self.run_dir, log.every_steps, log.tensorboard, enabled=backend.is_main)
 
@@ -87,10 +93,7 @@ class Trainer:
         # the global batch's order and crops come from `gen`, drawn alike on every rank; each rank
         # keeps its share (distill.distributed); whole accumulation windows only
         gen = torch.Generator().manual_seed(seed_for(self.cfg.seed, epoch))
-        loader = DataLoader(self.train_set, batch_size=micro_batch(cfg.batch_size, b.world_size, b.grad_accum),
-                            sampler=ShardedSampler(len(self.train_set), b.rank, b.world_size, gen),
-                            generator=gen, num_workers=cfg.num_workers, drop_last=len(self.train_set) > cfg.batch_size,
-                            collate_fn=collate_skipping, pin_memory=b.device.type == "cuda")
+        loader = self.epoch_loader(epoch, gen)
         micro_steps = len(loader) // b.grad_accum * b.grad_accum  # the backend's accumulation: it steps per window
         if micro_steps == 0:
             raise ConfigError(f"trainer.grad_accum {b.grad_accum}: {len(self.train_set)} training images do not fill "
@@ -132,6 +135,48 @@ class Trainer:
                 "teacher_seconds": b.reduce_sum(self.labeler.cost.total_seconds),
                 **({"bad_images_skipped": self.train_set.skipped} if hasattr(self.train_set, "skipped") else {})}
 
+    def epoch_loader(self, epoch: int, gen: torch.Generator) -> DataLoader:
+        """The run's one DataLoader (built at the first epoch; workers persist), set to `epoch`: the
+        order is drawn from `gen` (in-memory data also draws its crops from it afterwards), image
+        files' crops are keyed by (seed, epoch, index), shards are dealt by (seed, epoch)."""
+        if self.loader is None:
+            self.loader = self.build_loader()
+        data = self.loader.dataset
+        if isinstance(data, ShardStream):
+            data.set_epoch(epoch)
+        else:
+            sampler = self.loader.sampler
+            if isinstance(sampler, EpochKeys):
+                sampler.set_epoch(epoch)
+                sampler = sampler.sampler
+            sampler.generator = gen
+        return self.loader
+
+    def build_loader(self) -> DataLoader:
+        """In-memory data: images by a sharded permutation, cropped later per batch. Image files:
+        every image's crops (`data.crops_per_image`, or the label store's) cut in the workers from
+        one decode, views flattened image-major (trainer.batch_size counts images)."""
+        cfg, b, data, lc = self.cfg.trainer, self.backend, self.train_set, self.cfg.data.loader
+        workers = cfg.num_workers
+        opts = {"batch_size": micro_batch(cfg.batch_size, b.world_size, b.grad_accum), "num_workers": workers,
+                "pin_memory": b.device.type == "cuda" if lc.pin_memory == "auto" else lc.pin_memory,
+                "persistent_workers": workers > 0 and lc.persistent_workers,
+                "prefetch_factor": lc.prefetch_factor if workers else None,
+                # worker seeds come from here, never from the global RNG (dropout's, per epoch)
+                "generator": torch.Generator().manual_seed(self.cfg.seed)}
+        drop_last = len(data) > cfg.batch_size
+        if not isinstance(data, ImageFiles):
+            return DataLoader(data, sampler=ShardedSampler(len(data), b.rank, b.world_size, None), drop_last=drop_last,
+                              collate_fn=collate_skipping, **opts)
+        aug = self.cfg.data.augment
+        plan = getattr(self.labeler, "crop_plan", None) or RandomCropPlan(
+            self.cfg.seed, self.cfg.data.crops_per_image, tuple(aug.scale), tuple(aug.ratio), 0.5 if aug.flip else 0.0)
+        if isinstance(data, WebDatasetSet):
+            return DataLoader(ShardStream(data, plan, self.cfg.seed, b.rank, b.world_size), drop_last=True,
+                              collate_fn=collate_views, **opts)
+        sampler = EpochKeys(ShardedSampler(len(data), b.rank, b.world_size, None))
+        return DataLoader(TrainViews(data, plan), sampler=sampler, drop_last=drop_last, collate_fn=collate_views, **opts)
+
     def train_step(self, epoch: int, gen: torch.Generator, images: torch.Tensor, targets: torch.Tensor,
                    index: torch.Tensor) -> dict[str, float] | None:
         """Labeler → forward → checks → backward → step. The loss terms, or None when the step was
@@ -139,6 +184,8 @@ class Trainer:
         b = self.backend
         images, targets = images.to(b.device, non_blocking=True).float().div_(255), targets.to(b.device)
         batch = self.labeler(images, targets, index, epoch, gen)
+        if self.cfg.data.loader.channels_last:
+            batch.images = batch.images.contiguous(memory_format=torch.channels_last)
         with b.autocast():
             terms = b.module(batch.images, batch.targets, batch.soft)
         values = {k: v.item() for k, v in terms.items()}
@@ -178,9 +225,12 @@ class Trainer:
         if not self.eval_each_epoch and len(self.history) + 1 < self.cfg.trainer.epochs:
             return {"top1": math.nan, "top5": math.nan, "loss": math.nan}
         b, n = self.backend, len(self.test_set)
-        part = self.test_set if b.world_size == 1 else Subset(self.test_set, range(b.rank, n, b.world_size))
-        m = evaluate(self.step.student, part, self.cfg.trainer.eval_batch_size, b.device, self.cfg.trainer.num_workers)
-        return m if b.world_size == 1 else {k: b.reduce_sum(v * len(part)) / n for k, v in m.items()}
+        if self.test_loader is None:  # built once: its decoding workers persist across epochs
+            part = self.test_set if b.world_size == 1 else Subset(self.test_set, range(b.rank, n, b.world_size))
+            self.test_loader = eval_loader(part, self.cfg.trainer.eval_batch_size, b.device,
+                                           self.cfg.trainer.num_workers, self.cfg.data.loader.persistent_workers)
+        m = evaluate(self.step.student, self.test_loader, device=b.device)
+        return m if b.world_size == 1 else {k: b.reduce_sum(v * len(self.test_loader.dataset)) / n for k, v in m.items()}
 
     # ---------------------------------------------------------------- checkpoint / resume
     def save_checkpoint(self, epochs_done: int) -> None:

@@ -22,17 +22,19 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from distill.artefacts import (ArtefactError, append_jsonl, atomic_path, load_tensors, read_jsonl, sha256_file,
                                versions, write_text)
 from distill.augment import apply_crops, sample_crops
+from distill.imagefiles import ImageFiles, RandomCropPlan, StoredCropPlan, TrainViews, collate_views_with_boxes
 from distill.progress import Progress
 from teachers.regions import apply_selfmix, compress_topk, decompress, mix_labels, sample_selfmix
 from teachers.source import Batch, LabelSource, QueryCost, SoftLabels
@@ -67,6 +69,9 @@ class StoreSpec:
     selfmix_mode: str | None = None  # cutmix | mixup | None
     selfmix_alpha: float = 1.0
     calibration: dict[str, Any] | None = field(default=None, hash=False)
+    # what boxes are fractions of: `square`, the in-memory image at image_size; `original`, the
+    # decoded photo of an image file (cut in loader workers, distill.imagefiles)
+    crop_frame: str = "square"
 
     def __post_init__(self) -> None:
         if not 1 <= self.topk <= len(self.class_names):
@@ -75,6 +80,8 @@ class StoreSpec:
             raise ValueError(f"image_size {self.image_size} > {MAX_IMAGE_SIZE}: fp16 boxes would not round back exactly")
         if self.selfmix_mode not in (None, "cutmix", "mixup"):
             raise ValueError(f"selfmix_mode {self.selfmix_mode!r}; allowed: cutmix, mixup, None")
+        if self.crop_frame not in ("square", "original"):
+            raise ValueError(f"crop_frame {self.crop_frame!r}; allowed: square, original")
 
     @property
     def num_classes(self) -> int:
@@ -173,9 +180,9 @@ def splice_partners(partner: Tensor, keep: Tensor) -> Tensor:
 
 def label_shard(spec: StoreSpec, images01: Tensor, targets: Tensor, first_index: int, source: LabelSource,
                 generator: torch.Generator, images_per_call: int) -> dict[str, Tensor]:
-    """Sample M crops per image, label them with `source` (whole images per call, so a calibrator
-    ranks each image's bank), order kept crops first, draw SelfMix, compress. CPU tensors out."""
-    n, M, S, K = len(images01), spec.crops_per_image, spec.image_size, spec.num_classes
+    """Sample M crops per in-memory image, label them with `source` (whole images per call, so a
+    calibrator ranks each image's bank), then `finish_shard`. CPU tensors out."""
+    n, M, S = len(images01), spec.crops_per_image, spec.image_size
     boxes, flips = sample_crops(n, M, S, spec.scale, spec.ratio, spec.flip_prob, generator)
     probs, masks = [], []
     for lo in range(0, n, images_per_call):
@@ -183,21 +190,35 @@ def label_shard(spec: StoreSpec, images01: Tensor, targets: Tensor, first_index:
         which = torch.arange(hi - lo, device=images01.device).repeat_interleave(M)
         crops = apply_crops(images01[lo:hi], boxes[lo:hi].reshape(-1, 4), flips[lo:hi].reshape(-1), S, which)
         index = (first_index + torch.arange(lo, hi)).repeat_interleave(M)
-        soft = source.soft_labels(crops, targets[lo:hi].to(images01.device).repeat_interleave(M), index)
-        if soft.probs.shape != (len(crops), K):
-            raise ValueError(f"label source gave probabilities {tuple(soft.probs.shape)}, want ({len(crops)}, {K})")
-        probs.append(soft.probs.float().cpu())
-        masks.append(None if soft.mask is None else soft.mask.bool().cpu())
+        p, m = label_crops(spec, source, crops, targets[lo:hi].to(images01.device).repeat_interleave(M), index)
+        probs.append(p)
+        masks.append(m)
+    return finish_shard(spec, boxes / S, flips, probs, masks, generator)
+
+
+def label_crops(spec: StoreSpec, source: LabelSource, crops: Tensor, targets: Tensor,
+                index: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The source's probabilities (and keep mask) on crops of whole images, on the CPU."""
+    soft = source.soft_labels(crops, targets, index)
+    if soft.probs.shape != (len(crops), spec.num_classes):
+        raise ValueError(f"label source gave probabilities {tuple(soft.probs.shape)}, want ({len(crops)}, {spec.num_classes})")
+    return soft.probs.float().cpu(), None if soft.mask is None else soft.mask.bool().cpu()
+
+
+def finish_shard(spec: StoreSpec, boxes01: Tensor, flips: Tensor, probs: list[Tensor], masks: list[Tensor | None],
+                 generator: torch.Generator) -> dict[str, Tensor]:
+    """A shard's tensors from its crops (normalised boxes `[n, M, 4]`, flips) and their labels:
+    kept crops first, SelfMix drawn from `generator`, labels compressed."""
+    n, M, S, K = len(boxes01), spec.crops_per_image, spec.image_size, spec.num_classes
     probs_t = torch.cat(probs).reshape(n, M, K)
     keep = None if any(m is None for m in masks) else torch.cat(masks).reshape(n, M)
-
     out: dict[str, Tensor] = {}
     if keep is not None:  # kept crops first: a student replaying C < M views trains on kept ones
         order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
-        boxes, flips = boxes.gather(1, order[..., None].expand(-1, -1, 4)), flips.gather(1, order)
+        boxes01, flips = boxes01.gather(1, order[..., None].expand(-1, -1, 4)), flips.gather(1, order)
         probs_t, keep = probs_t.gather(1, order[..., None].expand(-1, -1, K)), keep.gather(1, order)
         out["keep"] = keep
-    out["boxes"] = (boxes / S).half()
+    out["boxes"] = boxes01.half()
     out["flips"] = flips
     if spec.dense:
         out["values"] = probs_t.half()
@@ -214,6 +235,29 @@ def label_shard(spec: StoreSpec, images01: Tensor, targets: Tensor, first_index:
         else:  # cutmix: λ is the kept area, recomputed from the region at replay
             out["mix_boxes"] = (mix_boxes / S).half()
     return out
+
+
+def label_file_shard(spec: StoreSpec, train: ImageFiles, epoch: int, lo: int, hi: int, source: LabelSource,
+                     generator: torch.Generator, images_per_call: int, device: torch.device,
+                     workers: int) -> dict[str, Tensor]:
+    """`label_shard` for image files: each image's M crops sampled on the decoded photo (keyed by
+    the store's seed, epoch and index) and cut in loader workers by the operator the student's
+    replay uses (`distill.imagefiles.cut_views`), from the same fp16 boxes."""
+    plan = RandomCropPlan(spec.seed, spec.crops_per_image, spec.scale, spec.ratio, spec.flip_prob)
+    loader = DataLoader(TrainViews(train, plan), batch_size=images_per_call, num_workers=workers,
+                        sampler=[(epoch, i) for i in range(lo, hi)], collate_fn=collate_views_with_boxes)
+    probs, masks, boxes, flips = [], [], [], []
+    for batch in filter(None, loader):  # None: every image of the batch was skipped (on_bad_image: skip)
+        views, targets, index, b, f = batch
+        p, m = label_crops(spec, source, views.to(device).float().div_(255), targets.to(device), index)
+        probs.append(p)
+        masks.append(m)
+        boxes.append(b)
+        flips.append(f)
+    if sum(map(len, boxes)) != hi - lo:
+        raise ArtefactError(f"a label store needs every training image: some of images {lo}..{hi - 1} did not decode "
+                            f"(data.on_bad_image: skip); remove those files and regenerate")
+    return finish_shard(spec, torch.cat(boxes), torch.cat(flips), probs, masks, generator)
 
 
 def _shard_keys(spec: StoreSpec, calibrated: bool) -> set[str]:
@@ -310,18 +354,16 @@ def _read_json(path: Path) -> dict[str, Any]:
     return d
 
 
-def _load_images(dataset, lo: int, hi: int) -> Tensor:
-    if hasattr(dataset, "images"):
-        return dataset.images[lo:hi]
-    return torch.stack([dataset[i][0] for i in range(lo, hi)])  # lazy (ImageFolder): decode once per chunk
-
-
 def generate_store(root: str | Path, spec: StoreSpec, train, source: LabelSource, device: torch.device,
                    batch_size: int = 256, rank: int = 0, world: int = 1, progress: bool = True,
-                   calibrator=None) -> dict[str, Any] | None:
+                   calibrator=None, workers: int = 0) -> dict[str, Any] | None:
     """Write this rank's missing shards, then try to merge. Returns the manifest, or None while
     other ranks' shards are missing. `calibrator` (a RegionCalibrator inside `source`) adds per-shard
-    band counts to the journal."""
+    band counts to the journal. Image files are decoded by `workers` loader processes, once per
+    (epoch, chunk): their crops are cut from the photo as it is decoded."""
+    files = isinstance(train, ImageFiles)
+    if files:
+        spec = replace(spec, crop_frame="original")
     writer = StoreWriter(root, spec, rank, world)
     todo = writer.pending()
     per_call = max(1, batch_size // spec.crops_per_image)
@@ -332,12 +374,16 @@ def generate_store(root: str | Path, spec: StoreSpec, train, source: LabelSource
         by_chunk.setdefault(c, []).append(e)
     for c, epochs in by_chunk.items():
         lo, hi = spec.chunk_range(c)
-        images01 = _load_images(train, lo, hi).to(device).float().div_(255)
-        targets = train.targets[lo:hi]
+        if not files:
+            images01 = train.images[lo:hi].to(device).float().div_(255)
         for e in epochs:
             if calibrator is not None:
                 calibrator.reset_stats()
-            tensors = label_shard(spec, images01, targets, lo, source, shard_generator(spec.seed, e, c), per_call)
+            gen = shard_generator(spec.seed, e, c)
+            if files:
+                tensors = label_file_shard(spec, train, e, lo, hi, source, gen, per_call, device, workers)
+            else:
+                tensors = label_shard(spec, images01, train.targets[lo:hi], lo, source, gen, per_call)
             bands = calibrator.band_counts.tolist() if calibrator is not None else None
             writer.write(e, c, tensors, bands)
             bar.update(hi - lo)
@@ -385,6 +431,10 @@ class LabelStore:
         if tuple(train.class_names) != self.spec.class_names:
             raise ArtefactError(f"{where}: made for classes {list(self.spec.class_names)[:12]} "
                                 f"({self.spec.num_classes}); the data has {list(train.class_names)[:12]} ({train.num_classes})")
+        frame = "original" if isinstance(train, ImageFiles) else "square"
+        if frame != self.spec.crop_frame:
+            raise ArtefactError(f"{where}: its boxes are fractions of the {self.spec.crop_frame} image, but this data "
+                                f"({type(train).__name__}) crops the {frame} one; regenerate it for this data")
         if train.image_size != self.spec.image_size:
             raise ArtefactError(f"{where}: made at image_size {self.spec.image_size}; the data is at {train.image_size}")
         if len(train) != self.spec.num_images:
@@ -450,17 +500,26 @@ class StoredLabeler:
     """The trainer's `BatchLabeler` for a store: for a batch of image indices at epoch e, the first
     `crops_per_image` stored crops of each image (multi-crop loading: one loaded image, several
     views), cut with the one crop operator, SelfMix replayed from its stored partner and region,
-    stored labels decoded. Views are image-major; targets repeat per view. Queries no teacher."""
+    stored labels decoded. Views are image-major; targets repeat per view. Queries no teacher.
+    `precut` (image files): the loader has already cut those crops from the decoded photos, as
+    `crop_plan` told it, so a batch arrives as the views themselves (`[B·V]`, indices repeated)."""
 
-    def __init__(self, store: LabelStore, crops_per_image: int | None = None, decode: str = "marginal_smoothing"):
+    def __init__(self, store: LabelStore, crops_per_image: int | None = None, decode: str = "marginal_smoothing",
+                 precut: bool = False):
         M = store.spec.crops_per_image
-        self.store, self.views = store, crops_per_image or M
+        self.store, self.views, self.precut = store, crops_per_image or M, precut
         if not 1 <= self.views <= M:
             raise ValueError(f"labels.crops_per_image: {self.views} views per image asked for; the store {store.root} "
                              f"holds {M} crops per image-epoch (use 1..{M})")
         if decode not in DECODE_MODES:
             raise ValueError(f"labels.decode: {decode!r}; allowed: {', '.join(DECODE_MODES)}")
+        if precut and store.spec.selfmix_mode is not None and self.views < M:
+            raise ValueError(f"labels.crops_per_image: a SelfMix store of image files mixes each crop with another of "
+                             f"its {M}; replay all of them (crops_per_image: {M} or unset)")
         self.decode = decode
+        spec, shards = store.spec, store.root / SHARD_DIR
+        self.crop_plan = StoredCropPlan([[shards / spec.shard_name(e, c) for c in range(spec.num_chunks)]
+                                         for e in range(spec.epochs)], self.views) if precut else None
         self.cost = QueryCost()  # stays empty: nothing is asked of a teacher
         self._epoch: int | None = None
         self._rows: dict[str, Tensor] = {}
@@ -480,6 +539,8 @@ class StoredLabeler:
     def __call__(self, images: Tensor, targets: Tensor, index: Tensor, epoch: int,
                  generator: torch.Generator | None = None) -> Batch:
         rows, V, dev = self.rows(epoch), self.views, images.device
+        if self.precut:  # one row per view already: the image's index and target are repeated V times
+            index, targets = index[::V], targets[::V]
         idx = index.long().cpu()
         B, S = len(idx), images.shape[-1]
         which = torch.arange(B, device=dev).repeat_interleave(V)
@@ -491,6 +552,8 @@ class StoredLabeler:
             return t.reshape(B * V, *t.shape[2:]).to(dev)
 
         def cut(sel: Tensor | None) -> Tensor:
+            if self.precut:
+                return images if sel is None else images[which * V + sel.reshape(-1).to(dev)]
             boxes = (take("boxes", sel).float() * S).round()
             return apply_crops(images, boxes, take("flips", sel), S, which)
 
@@ -515,3 +578,4 @@ class StoredLabeler:
             if mask is not None:
                 mask = mask & take("keep", partner)
         return Batch(views, targets.repeat_interleave(V), SoftLabels(probs=probs, mask=mask))
+

@@ -18,6 +18,7 @@ from pydantic import Field, field_validator, model_validator
 
 from distill.config import RunConfig, Strict
 from distill.errors import ArtefactError, ConfigError
+from distill.imagefiles import ImageFiles
 from teachers.labeling import LabelContext, Labeling, register_labeler
 from teachers.store import DECODE_MODES, LabelStore, StoredLabeler
 
@@ -105,6 +106,9 @@ class StoreLabels(Labeling):
     Options = StoreOptions
 
     def check(self, run: RunConfig) -> None:
+        if run.data.crops_per_image > 1:
+            raise ValueError("data.crops_per_image is for fresh crops; a store replays its own: set "
+                             "labels.crops_per_image (views per loaded image) and leave data.crops_per_image at 1")
         if run.loss.discriminator != "none":
             raise ValueError("loss.discriminator needs teacher logits; a label store (labels.store) holds "
                              "probabilities only: set loss.discriminator: none")
@@ -120,7 +124,8 @@ class StoreLabels(Labeling):
                                 f"differ: hash {store.spec.config_hash}, this recipe {generation_hash(cfg, opts)}); "
                                 f"rerun `distill labels` to a new labels.store")
         try:
-            return CyclicStoredLabeler(store, opts.crops_per_image, opts.decode)
+            return CyclicStoredLabeler(store, opts.crops_per_image, opts.decode,
+                                       precut=isinstance(ctx.train, ImageFiles))
         except ValueError as err:
             raise ConfigError(str(err)) from None
 
@@ -141,8 +146,8 @@ class CyclicStoredLabeler(StoredLabeler):
     cycles: synth relabel); otherwise one epoch at a time (ImageNet-sized stores)."""
 
     def __init__(self, store: LabelStore, crops_per_image: int | None = None, decode: str = "marginal_smoothing",
-                 keep_all: bool = False):
-        super().__init__(store, crops_per_image, decode)
+                 keep_all: bool = False, precut: bool = False):
+        super().__init__(store, crops_per_image, decode, precut)
         self.keep_all, self._cache = keep_all, {}
 
     def rows(self, epoch: int) -> dict:
