@@ -33,7 +33,7 @@ that would run past --budget-seconds is stopped or skipped, so the whole check i
   deepspeed       `students.deepspeed_backend.DeepSpeedBackend`, configs/deepspeed/zero2.json, precision
                   bf16, one process (the backend sets the one-rank environment itself), hard labels
   eval            `students.accuracy.evaluate` over a synthetic uint8 `distill.data.ImageSet` (as the
-                  trainer evaluates: fp32, eval batch 256)
+                  trainer evaluates: forward in the run precision, eval batch 256)
   plain_hard_cl   reference: the plain hard step with the student in channels_last
   hard_cl         the engine's hard step with `data.loader.channels_last: true` (student and batch)
 Columns: images/s (images the student trains on per second), ms/step, "vs plain" = engine ms/step ÷
@@ -462,12 +462,13 @@ def row_eval(ctx: Ctx, row: Row) -> None:
     saved = a.warmup, a.windows, a.steps
     a.warmup, a.windows, a.steps = 1, max(3, min(a.windows, 5)), 1  # one step = one pass over the eval set
     try:
-        measure(ctx, lambda i: evaluate(model, data, a.eval_batch, ctx.device), a.eval_images, row)
+        measure(ctx, lambda i: evaluate(model, data, a.eval_batch, ctx.device, precision=ctx.precision),
+                a.eval_images, row)
     finally:
         a.warmup, a.windows, a.steps = saved
     batches = math.ceil(a.eval_images / a.eval_batch)
     row.ms_per_step = row.ms_per_step / batches  # per eval batch
-    row.notes.append(f"{a.eval_images} images, ms per batch of {a.eval_batch}; fp32 (evaluate has no autocast)")
+    row.notes.append(f"{a.eval_images} images, ms per batch of {a.eval_batch}; forward in {ctx.precision} (autocast)")
 
 
 ROWS: dict[str, Callable[[Ctx, Row], None]] = {

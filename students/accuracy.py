@@ -17,8 +17,13 @@ def eval_loader(data: Dataset, batch_size: int = 256, device: str | torch.device
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, data: Dataset | DataLoader, batch_size: int = 256,
-             device: str | torch.device = "cpu", num_workers: int = 0) -> dict[str, float]:
+             device: str | torch.device = "cpu", num_workers: int = 0, precision: str = "fp32",
+             channels_last: bool = False) -> dict[str, float]:
+    """Top-1/top-5 and mean CE; the forward in the run's `precision` (autocast, as timm's validate
+    --amp) and memory format, the scores in fp32."""
     was_training = model.training
+    device = torch.device(device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     model.eval()
     correct1 = correct5 = n = 0
     loss = 0.0
@@ -28,7 +33,10 @@ def evaluate(model: torch.nn.Module, data: Dataset | DataLoader, batch_size: int
             continue
         images, targets, _ = batch
         images, targets = images.to(device).float() / 255, targets.to(device)
-        logits = model(images).float()
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(images).float()
         loss += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
         top = logits.topk(min(5, logits.shape[1]), 1).indices
         correct1 += (top[:, 0] == targets).sum().item()

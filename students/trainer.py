@@ -229,7 +229,8 @@ class Trainer:
             part = self.test_set if b.world_size == 1 else Subset(self.test_set, range(b.rank, n, b.world_size))
             self.test_loader = eval_loader(part, self.cfg.trainer.eval_batch_size, b.device,
                                            self.cfg.trainer.num_workers, self.cfg.data.loader.persistent_workers)
-        m = evaluate(self.step.student, self.test_loader, device=b.device)
+        m = evaluate(self.step.student, self.test_loader, device=b.device, precision=self.cfg.precision,
+                     channels_last=self.cfg.data.loader.channels_last)
         return m if b.world_size == 1 else {k: b.reduce_sum(v * len(self.test_loader.dataset)) / n for k, v in m.items()}
 
     # ---------------------------------------------------------------- checkpoint / resume

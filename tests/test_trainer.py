@@ -58,3 +58,21 @@ def test_meal_v2_student_trains_with_discriminator(tiny_recipe):
     assert {"train_kd", "train_disc", "train_gen", "train_loss"} <= last.keys()
     assert res.final["teacher_queries_by_teacher"] == {"a": 96, "b": 96}
     assert (res.run_dir / "report.md").exists() and (res.run_dir / "curves.png").exists()
+
+
+def test_evaluate_runs_the_forward_in_the_run_precision():
+    """bf16 evaluation autocasts the forward (as timm's validate --amp) and scores in fp32."""
+    from distill.data import ImageSet
+    from students.accuracy import evaluate
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append((torch.is_autocast_enabled("cpu"), x.is_contiguous(memory_format=torch.channels_last)))
+            return torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), 3).to(torch.bfloat16)
+
+    data = ImageSet(torch.zeros(4, 3, 4, 4, dtype=torch.uint8), torch.tensor([0, 0, 1, 2]), ("a", "b", "c"))
+    assert evaluate(Probe(), data, precision="bf16", channels_last=True)["top1"] == 50.0
+    assert evaluate(Probe(), data)["top1"] == 50.0
+    assert seen == [(True, True), (False, False)]
