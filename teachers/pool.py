@@ -47,14 +47,14 @@ def target_subset(num_images: int, size: int, seed: int) -> torch.Tensor:
 
 
 def teacher_features(teacher: Teacher, images: torch.Tensor) -> torch.Tensor:
-    """Penultimate features `[B, D]` of a teacher on [0, 1] images, in its own preprocessing.
+    """Penultimate features `[B, D]` (fp32) of a teacher on [0, 1] images, in its own preprocessing.
 
     timm models: `forward_head(forward_features(x), pre_logits=True)` (pooled, before the
     classifier); engine models with an `embed` method (ConvNet-3): that.
     """
     model, net = teacher.model, teacher.model.net
-    with torch.inference_mode():
-        x = model.preprocess(images)
+    with teacher.running(images) as x:  # the teacher's precision and memory format, as its logits
+        x = model.preprocess(x)
         if hasattr(net, "forward_features") and hasattr(net, "forward_head"):
             feats = net.forward_head(net.forward_features(x), pre_logits=True)
         elif hasattr(net, "embed"):

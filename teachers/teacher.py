@@ -7,6 +7,8 @@ different preprocessing.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from distill.config import ModelConfig
@@ -43,11 +45,18 @@ class Teacher:
         return self
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
+        with self.running(images) as x:
+            return self.model(x).float()
+
+    @contextlib.contextmanager
+    def running(self, images: torch.Tensor):
+        """Inference mode, autocast at the configured precision, images in the configured memory
+        format: how every pass through this teacher runs (logits, features)."""
         if self.channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(images.device.type, dtype=self.dtype or torch.float32,
                                                     enabled=self.dtype is not None):
-            return self.model(images).float()
+            yield images
 
     def cfg(self) -> dict:
         return {"name": self.name, **self.model.metadata()}

@@ -53,6 +53,19 @@ def test_bf16_teacher_labels_close_to_fp32():
     assert (bf16.argmax(-1) == fp32.argmax(-1)).float().mean() >= 0.9
 
 
+def test_teacher_features_run_in_the_teacher_precision():
+    """Features (multi-source weighting, HeLlO heads) go through the same bf16 pass as logits."""
+    from teachers.pool import teacher_features
+
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 10, 1, 32, tuple(map(str, range(10))))
+    images = torch.rand(16, 1, 32, 32)
+    fp32 = teacher_features(Teacher("t", model), images)
+    bf16 = teacher_features(Teacher("t", model).configure("bf16", channels_last=True), images)
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
+    assert torch.allclose(bf16, fp32, atol=0.1, rtol=0.05)
+
+
 def test_compiled_teacher_gives_the_same_labels():
     torch.manual_seed(0)
     model = create_model("test_vit", 10, 1, 16, tuple(map(str, range(10))))
