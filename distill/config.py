@@ -298,19 +298,36 @@ class PoolConfig(Strict):
         return self
 
 
+def check_kd_temperature(kd: str, temperature: float, kd_key: str, t_key: str) -> None:
+    """`soft_ce` is MEAL V2's and FKD's loss at T = 1. The label source softens the teacher at T but
+    `soft_ce` leaves the student at T = 1, so another T would train against a one-sided target that
+    no method publishes: refused (docs/losses.md); `kl` is Hinton KD at T, softening both."""
+    if kd == "soft_ce" and temperature != 1.0:
+        raise ValueError(f"{kd_key} soft_ce takes {t_key} 1, got {temperature}: set {t_key}: 1, or {kd_key}: kl "
+                         f"for Hinton KD at temperature T (T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)))")
+
+
 class LossConfig(Strict):
     """Student loss. With a pool: `kd` on the pool's soft labels (+ optional `hard_ce` weight, + the
     MEAL V2 discriminator). Without a pool: plain cross-entropy on hard labels."""
 
     kd: str = "soft_ce"  # a name in students.losses.KD_LOSSES (soft_ce | kl), checked at recipe load
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0)  # the teachers' softmax temperature; soft_ce: 1 only
     hard_ce: float = Field(0.0, ge=0)  # MEAL V2 uses none
     discriminator: Literal["none", "joint", "adversarial"] = "none"
-    discriminator_lr: float = Field(1e-4, gt=0)
+    # `follow_student`: the discriminator's parameter group has the student's lr and schedule, as
+    # MEAL V2's train.py runs it (its per-epoch lr setter overwrites every group, the --d_lr 1e-4
+    # group included); a number: a base lr of its own, which the same schedule scales (docs/losses.md)
+    discriminator_lr: Literal["follow_student"] | Annotated[float, Field(gt=0)] = "follow_student"
     discriminator_weight: float = Field(1.0, ge=0)
     # MEAL V2's code puts a ReLU after the discriminator's last layer too; its two outputs can then
     # die (loss stuck at ln 2, no gradient). True = the reference; False = linear last layer.
     discriminator_final_relu: bool = True
+
+    @model_validator(mode="after")
+    def _temperature(self) -> "LossConfig":
+        check_kd_temperature(self.kd, self.temperature, "loss.kd", "loss.temperature")
+        return self
 
 
 class OptimConfig(Strict):

@@ -24,7 +24,9 @@ def soft_ce(student_logits: torch.Tensor, target_probs: torch.Tensor) -> torch.T
 
 def kd_kl(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Hinton KD: `T² · KL(p_T ‖ softmax(z / T))`, batch mean. `target_probs` are already at T.
-    Equals `soft_ce` minus the (constant) teacher entropy at T = 1."""
+    Equals `soft_ce` minus the (constant) teacher entropy at T = 1. T² keeps the gradient's size
+    as T changes, so one SGD lr serves every T (SRe2L's scripts leave it out, under AdamW, which
+    a constant loss scale does not move)."""
     log_q = F.log_softmax(student_logits.float() / temperature, 1)
     kl = (target_probs * (torch.log(target_probs.clamp_min(1e-12)) - log_q)).sum(1).mean()
     return kl * temperature**2
@@ -32,7 +34,8 @@ def kd_kl(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature:
 
 @KD_LOSSES.register("soft_ce")
 def soft_ce_kd(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """`loss.kd: soft_ce`: `soft_ce` on probabilities the label source softened at `temperature`."""
+    """`loss.kd: soft_ce`: `soft_ce` on the label source's probabilities. `temperature` is 1: a
+    recipe with another is refused at load (`distill.config.check_kd_temperature`)."""
     return soft_ce(student_logits, target_probs)
 
 

@@ -19,9 +19,11 @@ class DistillStep(nn.Module):
     """Without soft labels: cross-entropy on hard labels (supervised training = distillation with
     no teacher). With them: `kd` (+ `hard_ce` weight) (+ the discriminator):
     - `joint` (MEAL V2's code): `loss += BCE(D([z_s; z_t]))`, one optimiser minimises it over the
-      student and D together (D's group has its own lr) — not a min-max game;
+      student and D together — not a min-max game;
     - `adversarial`: D minimises that BCE on detached logits while the student minimises
       `BCE(D(z_s) → teacher)` through a frozen copy of D: a simultaneous GAN update, one backward.
+    In both, D's parameter group starts at the student's lr (MEAL V2's train.py sets every group's
+    lr each epoch) unless `loss.discriminator_lr` is a number; the lr schedule scales both groups.
     """
 
     def __init__(self, student: ImageClassifier, loss: LossConfig):
@@ -35,8 +37,8 @@ class DistillStep(nn.Module):
     def param_groups(self, lr: float) -> list[dict]:
         groups = [{"params": [p for p in self.student.parameters() if p.requires_grad], "lr": lr, "name": "student"}]
         if self.discriminator is not None:
-            groups.append({"params": list(self.discriminator.parameters()), "lr": self.cfg.discriminator_lr,
-                           "name": "discriminator"})
+            d_lr = lr if self.cfg.discriminator_lr == "follow_student" else self.cfg.discriminator_lr
+            groups.append({"params": list(self.discriminator.parameters()), "lr": d_lr, "name": "discriminator"})
         return groups
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor, soft: SoftLabels | None = None) -> dict[str, torch.Tensor]:

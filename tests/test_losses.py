@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from students.losses import OutputDiscriminator, discriminator_loss, generator_loss, hard_ce, kd_kl, soft_ce
@@ -60,3 +61,36 @@ def test_reference_final_relu_can_die_at_ln2():
     loss = discriminator_loss(d, z, torch.randn(8, 10))
     loss.backward()
     assert math.isclose(loss.item(), math.log(2), rel_tol=1e-6) and z.grad.abs().sum() == 0
+
+
+def test_soft_ce_with_a_temperature_is_refused_at_load(tiny_recipe):
+    """soft_ce softens the teacher only; at T != 1 the recipe names kl (Hinton, both softened)."""
+    from distill.errors import ConfigError
+    from distill.recipe import parse_config
+
+    with pytest.raises(ConfigError, match=r"loss.kd soft_ce takes loss.temperature 1.*loss.kd: kl"):
+        parse_config(tiny_recipe(loss={"kd": "soft_ce", "temperature": 4.0}))
+    assert parse_config(tiny_recipe(loss={"kd": "kl", "temperature": 4.0})).loss.temperature == 4.0
+    assert parse_config(tiny_recipe(loss={"kd": "soft_ce", "temperature": 1.0})).loss.kd == "soft_ce"
+
+
+def test_discriminator_group_follows_the_student_lr_by_default():
+    """MEAL V2's train.py sets every parameter group's lr each epoch: D trains at the student's lr."""
+    from distill.config import LossConfig, OptimConfig
+    from distill.models import create_model
+    from students.backends import PlainBackend, lr_factor
+    from students.step import DistillStep
+
+    optim = OptimConfig(lr=0.05, schedule="step", milestones=[1], gamma=0.1)
+
+    def lrs(loss: LossConfig) -> dict[str, float]:
+        step = DistillStep(create_model("test_vit", 10, 1, 16, tuple("0123456789")), loss)
+        backend = PlainBackend(step, step.param_groups(optim.lr), optim, "fp32", torch.device("cpu"))
+        backend.set_lr(lr_factor(optim, 1, 2))  # the trainer's scheduler step into epoch 2
+        return {g["name"]: g["lr"] for g in backend.optimizer.param_groups}
+
+    assert LossConfig().discriminator_lr == "follow_student"
+    assert lrs(LossConfig(discriminator="joint")) == pytest.approx({"student": 0.005, "discriminator": 0.005})
+    # a number (older recipes: discriminator_lr: 1.0e-4) keeps its own base lr, under the same schedule
+    assert lrs(LossConfig(discriminator="joint", discriminator_lr=1e-4)) == pytest.approx(
+        {"student": 0.005, "discriminator": 1e-5})
