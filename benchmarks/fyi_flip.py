@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/fyi_flip.py --quick
     .venv/bin/python benchmarks/fyi_flip.py                   # lfw + facing + digits, DM, IPC 1/10, 3 seeds
+    .venv/bin/python benchmarks/fyi_flip.py --dsa-modes plain,flip_one   # + FYI's DSA draw
 
 FYI concatenates the synthetic batch with its mirror image inside the matching objective. That
 assumes a mirrored image keeps its class ("bilateral equivalence"). Three data sets:
@@ -15,6 +16,11 @@ assumes a mirrored image keeps its class ("bilateral equivalence"). Three data s
 Each is written as an .npz and synthesised with `distill synth` machinery (DM by default, GM with
 --methods), flip off and on from the same real starts, then evaluated by eval-synth's protocol
 (ConvNet-3, final epoch, seeds). Δ flip = mean(flip) − mean(no flip). This script measures only.
+
+`--dsa-modes plain,flip_one` adds an arm per DSA draw during synthesis: `plain` is DSA's single op
+per draw; `flip_one` is FYI's reference DiffAugment (`dsa_mode: flip_then_one`: the random flip,
+then one other op). It needs DSA's flip op, so it runs on the mirror-safe sets only. Students are
+evaluated with plain DSA either way.
 """
 from __future__ import annotations
 
@@ -127,6 +133,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="facing + digits, IPC 1, 1 seed, tiny budgets")
     p.add_argument("--datasets", default="facing,lfw,digits")
     p.add_argument("--methods", default="distribution_matching")
+    p.add_argument("--dsa-modes", default="plain", help="plain, flip_one (FYI's DSA draw), or both")
     p.add_argument("--ipcs", default="1,10")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--iterations", type=int, default=60)
@@ -144,42 +151,51 @@ def main() -> None:
     print(f"fyi_flip: datasets {list(data)}, methods {args.methods}, IPC {ipcs}, {args.seeds} seeds, "
           f"{args.iterations} iterations, student epochs {epochs}, threads {args.threads}")
 
-    header = ["data", "mirror keeps class", "method", "IPC", "random subset", "no flip", "FYI flip", "Δ flip",
-              "synth s/class (off / on)"]
+    modes = {"plain": "single", "flip_one": "flip_then_one"}
+    if set(args.dsa_modes.split(",")) - set(modes):
+        raise SystemExit(f"--dsa-modes {args.dsa_modes!r}: allowed {', '.join(modes)}")
+    header = ["data", "mirror keeps class", "method", "DSA draw", "IPC", "random subset", "no flip", "FYI flip",
+              "Δ flip", "synth s/class (off / on)"]
     rows, records, start = [], [], time.perf_counter()
     for ds, section in data.items():
         ops = list(DSA_OPS) if MIRROR_SAFE[ds] else [op for op in DSA_OPS if op != "flip"]
         for method in args.methods.split(","):
-            for ipc in ipcs:
-                cells = {}
-                for flip in (False, True):
-                    opts = {"batch_real": 32, "dsa_ops": ops} | ({"inner_loop": 2} if method == "gradient_matching" else {})
-                    cfg = parse_synth_config({
-                        "name": f"{ds}_{method}_ipc{ipc}{'_flip' if flip else ''}", "seed": 0,
-                        "out_dir": str(out / "artefacts"), "data": section, "ipc": ipc, "method": method,
-                        "options": opts, "flip": flip, "iterations": args.iterations, "init": {"kind": "real"},
-                        "eval": {"students": ["convnet3"], "seeds": args.seeds, "epochs": epochs[ipc], "batch_size": 32,
-                                 "full_data": False, "dsa_ops": ops}})
-                    res = synthesize(cfg, progress=False)
-                    rep = eval_synth(res.root, progress=False, cache_dir=out / "eval_cache" / ds)
-                    cells[flip] = (rep.cell("convnet3", "distilled"), rep.cell("convnet3", "random"),
-                                   res.manifest["timing"]["seconds_per_class"])
-                (off, rnd, t_off), (on, _, t_on) = cells[False], cells[True]
-                delta = on.mean - off.mean
-                rows.append([ds, "yes" if MIRROR_SAFE[ds] else "no", method, ipc, f"{rnd.mean:.2f} ± {rnd.std:.2f}",
-                             f"{off.mean:.2f} ± {off.std:.2f}", f"{on.mean:.2f} ± {on.std:.2f}", f"{delta:+.2f}",
-                             f"{t_off:.2f} / {t_on:.2f}"])
-                records.append({"data": ds, "mirror_safe": MIRROR_SAFE[ds], "method": method, "ipc": ipc,
-                                "random": rnd.final, "no_flip": off.final, "flip": on.final, "delta": delta,
-                                "spread": statistics.pstdev(on.final + off.final) if len(on.final) > 1 else 0.0})
-                print(text_table(header, [rows[-1]]).splitlines()[-1], flush=True)
+            for mode in args.dsa_modes.split(","):
+                if modes[mode] == "flip_then_one" and "flip" not in ops:
+                    print(f"{ds}: DSA draw {mode} needs DSA's flip op, which {ds} leaves out; skipped")
+                    continue
+                for ipc in ipcs:
+                    cells = {}
+                    for flip in (False, True):
+                        opts = ({"batch_real": 32, "dsa_ops": ops, "dsa_mode": modes[mode]}
+                                | ({"inner_loop": 2} if method == "gradient_matching" else {}))
+                        cfg = parse_synth_config({
+                            "name": f"{ds}_{method}_{mode}_ipc{ipc}{'_flip' if flip else ''}", "seed": 0,
+                            "out_dir": str(out / "artefacts"), "data": section, "ipc": ipc, "method": method,
+                            "options": opts, "flip": flip, "iterations": args.iterations, "init": {"kind": "real"},
+                            "eval": {"students": ["convnet3"], "seeds": args.seeds, "epochs": epochs[ipc],
+                                     "batch_size": 32, "full_data": False, "dsa_ops": ops}})
+                        res = synthesize(cfg, progress=False)
+                        rep = eval_synth(res.root, progress=False, cache_dir=out / "eval_cache" / ds)
+                        cells[flip] = (rep.cell("convnet3", "distilled"), rep.cell("convnet3", "random"),
+                                       res.manifest["timing"]["seconds_per_class"])
+                    (off, rnd, t_off), (on, _, t_on) = cells[False], cells[True]
+                    delta = on.mean - off.mean
+                    rows.append([ds, "yes" if MIRROR_SAFE[ds] else "no", method, mode, ipc,
+                                 f"{rnd.mean:.2f} ± {rnd.std:.2f}", f"{off.mean:.2f} ± {off.std:.2f}",
+                                 f"{on.mean:.2f} ± {on.std:.2f}", f"{delta:+.2f}", f"{t_off:.2f} / {t_on:.2f}"])
+                    records.append({"data": ds, "mirror_safe": MIRROR_SAFE[ds], "method": method, "dsa_mode": mode,
+                                    "ipc": ipc, "random": rnd.final, "no_flip": off.final, "flip": on.final,
+                                    "delta": delta,
+                                    "spread": statistics.pstdev(on.final + off.final) if len(on.final) > 1 else 0.0})
+                    print(text_table(header, [rows[-1]]).splitlines()[-1], flush=True)
 
     print("\n" + text_table(header, rows))
     print(f"\nConvNet-3 students, final-epoch top-1 over {args.seeds} seed(s); wall {time.perf_counter() - start:.0f}s")
     print("goal: flip > no flip where the mirror keeps the class; digits is the expected failing case")
     for r in records:
         verdict = "flip > no flip" if r["delta"] > 0 else "flip <= no flip"
-        print(f"  {r['data']} {r['method']} IPC{r['ipc']}: {verdict} ({r['delta']:+.2f})")
+        print(f"  {r['data']} {r['method']} DSA {r['dsa_mode']} IPC{r['ipc']}: {verdict} ({r['delta']:+.2f})")
     report = write_benchmark_report(out, "fyi_flip", header, rows, {"args": vars(args), "records": records},
                                     "FYI flip-aware synthesis: on vs off (ConvNet-3)", sys.argv)
     print(f"report: {report}")

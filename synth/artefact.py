@@ -5,7 +5,9 @@
     labels/              relabel only: an FKD label store (teachers.store format) over these images
     grids/class_NNNN.png one PNG grid per class
     class_names.json     the class list, in target order
-    recipe.yaml          the resolved synthesis recipe
+    recipe.yaml          the resolved synthesis recipe; its `labels.relabel` is the label spec too
+                         (`loss`, `temperature`: how students learn the stored labels; a recipe
+                         written before they existed means soft CE at T = 1)
     manifest.json        format, IPC, classes, image size, storage, label mode, teachers (with their
                          checkpoints' sha256), data fingerprint, timing, and every file above with
                          its bytes and sha256; image and label bytes stated separately

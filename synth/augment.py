@@ -2,14 +2,23 @@
 
 Matching objectives compare real and synthetic batches *after the same augmentation*, and need the
 gradient of that augmentation w.r.t. the synthetic pixels. We follow `DiffAugment` / `ParamDiffAug`
-in VICO-UoE/DatasetCondensation `utils.py`, strategy 'color_crop_cutout_flip_scale_rotate':
+in VICO-UoE/DatasetCondensation `utils.py` (commit 53f63a6, lines 474-650), strategy
+'color_crop_cutout_flip_scale_rotate':
 
+- **Normalised space.** The reference augments tensors already normalised with the dataset's
+  mean/std (`get_dataset`, `transforms.Normalize`, utils.py line 19 for MNIST), so DSA takes the
+  data's per-channel `mean`/`std` and runs its ops on (x − mean) / std: brightness ± 0.5 is half a
+  standard deviation, and every zero fill (crop, cutout, scale, rotate) is the dataset mean. Images
+  go in and come out in [0, 1] space, so the networks that normalise inside see what they expect.
 - ops and their ranges are the reference's: color = brightness ± 0.5, saturation x[0, 2),
-  contrast x[0.5, 1.5) applied in turn; crop = integer translation up to 12.5 % of the side with zero
-  fill; cutout = one zeroed square of half the side; flip with p = 0.5; scale = independent x/y factors
-  in [1/1.2, 1.2); rotate = ±15 degrees; scale/rotate resample bilinearly with zero padding.
-- 'single' mode (the reference default, aug_mode 'S') applies one op, drawn per call, from `ops`;
-  'single=False' applies every op in order (aug_mode 'M').
+  contrast x[0.5, 1.5) applied in turn (lines 565-594); crop = integer translation up to 12.5 % of
+  the side with zero fill (597-617); cutout = one zeroed square of half the side (620-640); flip
+  with p = 0.5 (556-562); scale = independent x/y factors in [1/1.2, 1.2) (524-539); rotate = ±15
+  degrees (542-553); scale/rotate resample bilinearly with zero padding.
+- `mode`: 'single' (the reference default, aug_mode 'S', lines 510-515) applies one op, drawn per
+  call, from `ops`; 'all' applies every op in order (aug_mode 'M', lines 506-509); 'flip_then_one' is FYI's
+  DiffAugment (cvlab-yonsei/FYI `DC_DSA_DM/utils.py` lines 555-563): the random flip (p = 0.5)
+  always runs first, then one op drawn from the others.
 - Siamese use draws one set of parameters, `params = dsa.sample(generator)`, and applies it to any
   number of batches of any size: `dsa.apply(real, params)`, `dsa.apply(syn, params)`. Like the
   reference's seeded mode, one draw is shared by every image of a batch (real and synthetic batches
@@ -30,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 DSA_OPS = ("color", "crop", "cutout", "flip", "scale", "rotate")
+DSA_MODES = ("single", "flip_then_one", "all")
 _DRAWS_PER_OP = {"color": 3, "crop": 2, "cutout": 2, "flip": 1, "scale": 2, "rotate": 1}
 
 
@@ -43,12 +53,16 @@ class DSAParams:
 
 
 class DSA:
-    """Differentiable siamese augmentation over a configurable set of `ops` (see module doc)."""
+    """Differentiable siamese augmentation over a configurable set of `ops` (see module doc), in the
+    space normalised by the data's per-channel `mean` and `std` (of [0, 1] pixels)."""
 
     def __init__(
         self,
+        *,
+        mean: Sequence[float] | Tensor,
+        std: Sequence[float] | Tensor,
         ops: Sequence[str] = DSA_OPS,
-        single: bool = True,
+        mode: str = "single",
         prob_flip: float = 0.5,
         ratio_scale: float = 1.2,
         ratio_rotate: float = 15.0,
@@ -61,8 +75,14 @@ class DSA:
         unknown = [op for op in ops if op not in _DRAWS_PER_OP]
         if unknown or not ops:
             raise ValueError(f"DSA ops must be a non-empty subset of {DSA_OPS}, got {list(ops)}")
+        if mode not in DSA_MODES:
+            raise ValueError(f"DSA mode must be one of {DSA_MODES}, got {mode!r}")
+        if mode == "flip_then_one" and ("flip" not in ops or len(ops) < 2):
+            raise ValueError(f"DSA mode 'flip_then_one' needs 'flip' and another op in ops, got {list(ops)}")
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1)
+        self.std = torch.as_tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1)
         self.ops = tuple(ops)
-        self.single = single
+        self.mode = mode
         self.prob_flip = prob_flip
         self.ratio_scale = ratio_scale
         self.ratio_rotate = ratio_rotate
@@ -76,26 +96,29 @@ class DSA:
         """Draw the ops to run and their parameters; n = 1 shares them across a batch (siamese)."""
         device = generator.device if generator is not None else "cpu"
         ops = self.ops
-        if self.single:
-            pick = int(torch.randint(len(ops), (1,), generator=generator, device=device))
-            ops = (ops[pick],)
+        if self.mode != "all":
+            first = ("flip",) if self.mode == "flip_then_one" else ()
+            rest = [op for op in ops if op not in first]
+            ops = first + (rest[int(torch.randint(len(rest), (1,), generator=generator, device=device))],)
         draws = {op: torch.rand(n, _DRAWS_PER_OP[op], generator=generator, device=device) for op in ops}
         return DSAParams(ops, draws)
 
     def apply(self, x: Tensor, params: DSAParams) -> Tensor:
-        """Augment x (N, C, H, W) with `params`; differentiable w.r.t. x."""
+        """Augment x (N, C, H, W) in [0, 1] space with `params`, in normalised space; differentiable w.r.t. x."""
+        mean, std = self.mean.to(x.device, x.dtype), self.std.to(x.device, x.dtype)
+        z = (x - mean) / std
         for op in params.ops:
             u = params.draws[op].to(x.device)
             if u.shape[0] not in (1, x.shape[0]):
                 raise ValueError(f"DSA params drawn for {u.shape[0]} images, batch has {x.shape[0]}")
-            x = getattr(self, f"_{op}")(x, u)
-        return x
+            z = getattr(self, f"_{op}")(z, u)
+        return z * std + mean
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Non-siamese use: independent parameters for every image of x."""
         return self.apply(x, self.sample(generator, n=x.shape[0]))
 
-    # --- ops: u holds uniform draws, shape (n, k) with n in {1, N} -------------------------------
+    # --- ops on normalised tensors: u holds uniform draws, shape (n, k) with n in {1, N} ----------
 
     def _color(self, x: Tensor, u: Tensor) -> Tensor:
         b, s, c = (u[:, i].view(-1, 1, 1, 1).to(x.dtype) for i in range(3))

@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from distill.config import (CropScale, DataConfig, Device, LogConfig, ModelConfig, OptimConfig, Strict,
-                            format_validation_error)
+                            check_kd_temperature, format_validation_error)
 from distill.errors import ConfigError
 from distill.models import is_known_model, suggest_models
 from synth.augment import DSA_OPS
@@ -36,17 +36,53 @@ class ImageOptim(Strict):
 class InitConfig(Strict):
     """How synthetic images start. `noise`: N(0, 1) in normalised space (DC/SRe2L); `real`: random
     real images of the class, without replacement; `real_confident`: the real images the teachers
-    are most confident on (mean probability of the class), as RDED/HeLlO select their starts."""
+    are most confident on (mean probability of the class); `confident_crops`: RDED's selection, the
+    start HeLlO uses: `crops_per_image` square RandomResizedCrops (`scale`) of each candidate image,
+    scored by the teachers' cross-entropy on the class; each image's best crop is kept, and the
+    best ipc·stitch² of those are stitched `stitch`×`stitch` into the class's images (`synth.init`)."""
 
-    kind: Literal["noise", "real", "real_confident"] = "real"
-    candidates: int | None = Field(None, ge=1)  # real_confident: score at most this many per class (None: all)
+    kind: Literal["noise", "real", "real_confident", "confident_crops"] = "real"
+    # real_confident, confident_crops: score at most this many real images per class (None: all; RDED: 300)
+    candidates: int | None = Field(None, ge=1)
+    crops_per_image: int = Field(5, ge=1)  # confident_crops; RDED's scripts: --num-crop 5
+    scale: CropScale = (0.08, 1.0)  # confident_crops; RDED: torchvision's RandomResizedCrop default
+    stitch: int = Field(1, ge=1)  # confident_crops; RDED: 2 for 128-224 px data, 1 for 32-64 px
+
+    OPTIONS: ClassVar[dict[str, set[str]]] = {
+        "noise": set(), "real": set(), "real_confident": {"candidates"},
+        "confident_crops": {"candidates", "crops_per_image", "scale", "stitch"}}
+
+    @model_validator(mode="after")
+    def _options_of_kind(self) -> "InitConfig":
+        """An option of another kind would be silently ignored: refuse it (at its default it is
+        harmless, and a dumped config that lists every field reads back)."""
+        stray = sorted(f for f in self.model_fields_set - self.OPTIONS[self.kind] - {"kind"}
+                       if getattr(self, f) != type(self).model_fields[f].default)
+        if stray:
+            raise ValueError(f"{', '.join(stray)}: not an option of kind {self.kind!r} "
+                             f"(its options: {sorted(self.OPTIONS[self.kind]) or 'none'})")
+        return self
+
+    @property
+    def needs_teachers(self) -> bool:
+        return self.kind in ("real_confident", "confident_crops")
+
+    @property
+    def reals_per_image(self) -> int:
+        """Distinct real images each synthetic image draws on (a stitched image: one per patch)."""
+        return self.stitch ** 2 if self.kind == "confident_crops" else 1
 
 
 class RelabelConfig(Strict):
     """SRe2L relabel: the teachers' soft labels on `crops_per_image` RandomResizedCrops of every
     synthetic image for each of `epochs` label epochs, written with the FKD label-store writer
     (`teachers.store`) into the artefact's `labels/`. Students replay them (epoch e uses label
-    epoch e mod `epochs`): no teacher at evaluation time."""
+    epoch e mod `epochs`): no teacher at evaluation time.
+
+    `loss` and `temperature` are the label spec: the store keeps the teachers' softmax at
+    `temperature`, and students learn it with `loss` (`students.losses`). Left out of a recipe:
+    SRe2L's KL at T = 3 for `bn_matching` (`SynthConfig`), FKD's soft CE at T = 1 otherwise. An
+    artefact whose recipe has neither was made at soft CE, T = 1: these defaults read it so."""
 
     epochs: int = Field(4, ge=1)
     crops_per_image: int = Field(1, ge=1)
@@ -57,6 +93,18 @@ class RelabelConfig(Strict):
     decode: Literal["marginal_smoothing", "marginal_renorm", "hard"] = "marginal_smoothing"
     batch_size: int = Field(256, ge=1)  # crops per teacher forward
     shard_images: int = Field(1024, ge=1)  # images per store shard
+    loss: Literal["soft_ce", "kl"] = "soft_ce"
+    temperature: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _spec(self) -> "RelabelConfig":
+        check_kd_temperature(self.loss, self.temperature, "labels.relabel.loss", "labels.relabel.temperature")
+        return self
+
+
+# SRe2L's students learn relabelled bn_matching images by KL at T = 3 (train_KD.py/train_FKD.py -T
+# default; their ImageNet scripts pass 20): a bn_matching relabel recipe that leaves them out gets these
+SRE2L_LABEL_SPEC = {"loss": "kl", "temperature": 3.0}
 
 
 class ImageOptConfig(Strict):
@@ -133,6 +181,9 @@ class SynthLabelsConfig(Strict):
     def _projector(self) -> "SynthLabelsConfig":
         if self.mode == "projector" and self.projector is None:
             raise ValueError("mode 'projector' needs labels.projector (at least `model:`, the base encoder)")
+        if self.mode == "projector" and (self.relabel.loss, self.relabel.temperature) != ("soft_ce", 1.0):
+            raise ValueError("labels.relabel.loss and labels.relabel.temperature are the relabel store's label "
+                             "spec; a projector serves its softmax at T = 1 to soft CE: leave them out")
         return self
 
 
@@ -215,13 +266,27 @@ class SynthConfig(Strict):
     eval: EvalConfig = EvalConfig()
     log: LogConfig = LogConfig()  # how the job reports (progress lines off a terminal)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _relabel_spec(cls, raw: Any) -> Any:
+        """A bn_matching relabel recipe silent on the label spec gets SRe2L's (`SRE2L_LABEL_SPEC`),
+        filled in here, where the method is known, so the artefact's recipe states it."""
+        labels = raw.get("labels") if isinstance(raw, dict) else None
+        if not (isinstance(labels, dict) and labels.get("mode") == "relabel" and raw.get("method") == "bn_matching"
+                and isinstance(labels.get("relabel", {}), dict)):
+            return raw
+        rc = {"loss": SRE2L_LABEL_SPEC["loss"], **labels.get("relabel", {})}
+        if rc["loss"] == SRE2L_LABEL_SPEC["loss"]:
+            rc = {"temperature": SRE2L_LABEL_SPEC["temperature"], **rc}
+        return {**raw, "labels": {**labels, "relabel": rc}}
+
     @model_validator(mode="after")
     def _needs(self) -> "SynthConfig":
         """What the labels and init need (the method's own needs and options are checked where the
         synthesis methods are registered: `distill.recipe`)."""
         needs = []
-        if self.init.kind == "real_confident":
-            needs.append("init.kind real_confident")
+        if self.init.needs_teachers:
+            needs.append(f"init.kind {self.init.kind}")
         if self.labels.mode in ("relabel", "projector"):
             needs.append(f"labels.mode {self.labels.mode}")
         if needs and not self.teachers:

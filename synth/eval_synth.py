@@ -50,24 +50,29 @@ from synth.config import EvalConfig, RelabelConfig
 from synth.ddranking import LRS_WEIGHT, DDRanking, dd_ranking
 from synth.hello import projector_labeler
 from synth.init import class_indices, gather, keyed_generator
-from synth.relabel import relabel_store, store_labeler
+from synth.methods import data_stats
+from synth.relabel import relabel_store, store_labeler, student_loss
 from teachers.labeling import LabelContext, create_labeling
 from teachers.source import BatchLabeler, Views
 from teachers.teacher import Teacher, create_teacher
 
 
-def protocol_views(protocol: EvalConfig) -> Views:
-    """Hard-label views: DSA per image (the DSA/DM evaluation), the spine's random crops, or none."""
+def protocol_views(protocol: EvalConfig, norm: tuple[torch.Tensor, torch.Tensor]) -> Views:
+    """Hard-label views: DSA per image (the DSA/DM evaluation, in the space normalised by `norm`,
+    the real data's per-channel mean and std), the spine's random crops, or none."""
     if protocol.augment == "dsa":
-        return DSA(ops=protocol.dsa_ops)
+        return DSA(mean=norm[0], std=norm[1], ops=protocol.dsa_ops)
     if protocol.augment == "crop":
         return RandomCrops(protocol.crop_scale, (3 / 4, 4 / 3), protocol.crop_flip)
     return lambda images, generator: images
 
 
-def hard_labeler(protocol: EvalConfig, data: ImageSet) -> BatchLabeler:
-    """The `hard` label source on the protocol's views."""
-    return create_labeling("hard").build(LabelContext(data, torch.device("cpu"), protocol_views(protocol)))
+def hard_labeler(protocol: EvalConfig, data: ImageSet,
+                 norm: tuple[torch.Tensor, torch.Tensor] | None = None) -> BatchLabeler:
+    """The `hard` label source on the protocol's views; DSA normalises with `norm` (an artefact's
+    recorded real-data mean/std), else with `data`'s own."""
+    views = protocol_views(protocol, norm or data_stats(data, 0))
+    return create_labeling("hard").build(LabelContext(data, torch.device("cpu"), views))
 
 
 @dataclass
@@ -224,11 +229,13 @@ def _protocol_hash(protocol: EvalConfig, *parts: Any) -> str:
 
 
 def train_student(student: str, seed: int, train: ImageSet, test: ImageSet, labeler: BatchLabeler, epochs: int,
-                  protocol: EvalConfig, dcfg: DataConfig, run_dir: Path, device: str) -> tuple[float, tuple[float, int], float]:
+                  protocol: EvalConfig, dcfg: DataConfig, run_dir: Path, device: str,
+                  loss: LossConfig = LossConfig()) -> tuple[float, tuple[float, int], float]:
     """One fresh student (the run builder's, weights a function of `seed`); returns (final top-1,
-    (best top-1, its epoch), seconds). Tested at the last epoch only, unless best-epoch is asked."""
+    (best top-1, its epoch), seconds). Tested at the last epoch only, unless best-epoch is asked.
+    `loss`: how it learns soft labels (a relabel store's label spec); hard labels are plain CE."""
     cfg = RunConfig(name=run_dir.name, seed=seed, device=device, out_dir=run_dir.parent, data=dcfg,
-                    student=ModelConfig(model=student), loss=LossConfig(), optim=protocol.optim,
+                    student=ModelConfig(model=student), loss=loss, optim=protocol.optim,
                     trainer=TrainerConfig(epochs=epochs, batch_size=protocol.batch_size,
                                           eval_batch_size=protocol.eval_batch_size,
                                           checkpoint_every=max(1, epochs // 4)))
@@ -274,6 +281,12 @@ def read_protocol(raw_recipe: dict[str, Any], overrides: list[str], students: li
         raise ConfigError(f"eval-synth protocol: {err}") from None
 
 
+def relabel_config(art: Artefact) -> RelabelConfig:
+    """The artefact's `labels.relabel`, its label spec included (an older recipe without one reads
+    as soft CE at T = 1, what it was made with)."""
+    return RelabelConfig.model_validate(yaml.safe_load(art.recipe_yaml)["labels"]["relabel"])
+
+
 @dataclass
 class Cell:
     """One planned student run: its training set, labels, epochs and where it lives."""
@@ -285,20 +298,23 @@ class Cell:
     epochs: int
     label_mode: str
     run_dir: Path
+    loss: LossConfig = LossConfig()
 
 
 class EvalPlan:
     """Which runs the protocol asks for, and for each its data and labeler. The distilled set and
     the random subset get the same kind of labels (the artefact's label mode); full data is hard.
     A soft-label artefact evaluated beside full data also trains its images with hard labels
-    (`distilled_hard`: DD-Ranking's syn-hard, for HLR)."""
+    (`distilled_hard`: DD-Ranking's syn-hard, for HLR). Relabel students learn with the artefact's
+    label spec (`labels.relabel.loss`/`temperature` of its recipe; older recipes: soft CE at T = 1)."""
 
     def __init__(self, art: Artefact, protocol: EvalConfig, train: ImageSet, device: torch.device, root: Path):
         raw_recipe = yaml.safe_load(art.recipe_yaml)
         self.art, self.protocol, self.train, self.device, self.root = art, protocol, train, device, root
+        self.norm = tuple(torch.tensor(art.manifest["normalisation"][k]) for k in ("mean", "std"))  # DSA's space
         self.mode = art.label_mode
-        self.rc = (RelabelConfig.model_validate(raw_recipe["labels"]["relabel"])
-                   if self.mode in ("relabel", "projector") else None)
+        self.rc = relabel_config(art) if self.mode in ("relabel", "projector") else None
+        self.loss = student_loss(self.rc) if self.mode == "relabel" else LossConfig()
         if self.mode == "projector":  # HeLlO: one projector labels the distilled set and the random subset alike
             self.projector = projector_labeler(art, self.rc, device)
             self.tag = "-" + art.manifest["files"]["labels/projector.safetensors"]["sha256"][:12]
@@ -331,14 +347,14 @@ class EvalPlan:
         elif self.mode == "projector":
             labeler, lbytes = self.projector
         else:
-            labeler, lbytes = hard_labeler(self.protocol, data), _hard_bytes(len(data))
-        return Cell(data, labeler, lbytes, m["bytes"]["images"], self.protocol.epochs, self.mode, run_dir)
+            labeler, lbytes = hard_labeler(self.protocol, data, self.norm), _hard_bytes(len(data))
+        return Cell(data, labeler, lbytes, m["bytes"]["images"], self.protocol.epochs, self.mode, run_dir, self.loss)
 
     def distilled_hard(self, student: str, seed: int, ident: str) -> Cell:
         """The distilled images with hard labels under the same protocol (a soft-label artefact's syn-hard)."""
         data = self.art.images
         run_dir = self.art.root / "eval" / f"distilled_hard-{student}-{ident}" / f"seed{seed}"
-        return Cell(data, hard_labeler(self.protocol, data), _hard_bytes(len(data)),
+        return Cell(data, hard_labeler(self.protocol, data, self.norm), _hard_bytes(len(data)),
                     self.art.manifest["bytes"]["images"], self.protocol.epochs, "hard", run_dir)
 
     def random(self, student: str, seed: int, ident: str) -> Cell:
@@ -353,16 +369,16 @@ class EvalPlan:
                           progress=False)
             labeler, lbytes = store_labeler(store_root, data, self.rc.decode)
         else:
-            labeler, lbytes = hard_labeler(self.protocol, data), _hard_bytes(len(data))
+            labeler, lbytes = hard_labeler(self.protocol, data, self.norm), _hard_bytes(len(data))
         ibytes = int(data.images.numel() * data.images.element_size())
-        return Cell(data, labeler, lbytes, ibytes, self.protocol.epochs, self.mode, run_dir)
+        return Cell(data, labeler, lbytes, ibytes, self.protocol.epochs, self.mode, run_dir, self.loss)
 
     def full(self, student: str, seed: int, ident: str) -> Cell:
         """Full data, hard labels; bytes as uint8 pixels (lazy folders are not in memory)."""
         p, data = self.protocol, self.train
         ident_full = _protocol_hash(p, student, "full", p.full_epochs)
         run_dir = self.root / f"full-{data.fingerprint()}" / f"{student}-{ident_full}" / f"seed{seed}"
-        return Cell(data, hard_labeler(p, data), _hard_bytes(len(data)),
+        return Cell(data, hard_labeler(p, data, self.norm), _hard_bytes(len(data)),
                     len(data) * data.channels * data.image_size ** 2, p.full_epochs, "hard", run_dir)
 
 
@@ -387,7 +403,7 @@ def eval_synth(artefact: str | Path, students: list[str] | None = None, seeds: i
         result = cells.setdefault((student, set_name), SetResult(set_name, student, c.label_mode, len(c.data),
                                                                  c.image_bytes, c.label_bytes))
         final, best, secs = train_student(student, seed, c.data, test, c.labeler, c.epochs, protocol, dcfg,
-                                          c.run_dir, device)
+                                          c.run_dir, device, c.loss)
         result.final.append(final)
         result.best.append(best)
         result.seconds.append(secs)
@@ -401,9 +417,13 @@ def write_eval_report(art: Artefact, report: EvalReport) -> None:
     out = art.root / "eval"
     write_text(out / "results.json", json.dumps(report.to_json(), indent=1))
     p = report.protocol
+    spec = ""
+    if m["label_mode"] == "relabel":
+        rc = relabel_config(art)
+        spec = f" (teachers' softmax at T = {rc.temperature:g}, learnt by `{rc.loss}`)"
     lines = [f"# eval-synth `{art.root.name}`", "",
              f"- method `{m['method']}`{' + FYI flip' if m['flip'] else ''}, init `{m['init']}`, IPC {m['ipc']}, "
-             f"{m['num_classes']} classes, {m['storage']} images; labels: **{m['label_mode']}**",
+             f"{m['num_classes']} classes, {m['storage']} images; labels: **{m['label_mode']}**{spec}",
              f"- protocol: {p.epochs} epochs (full data {p.full_epochs}), batch {p.batch_size}, {p.optim.name} lr "
              f"{p.optim.lr} {p.optim.schedule}, augmentation {p.augment if m['label_mode'] == 'hard' else 'stored crops'}; "
              f"**final-epoch** top-1 over {p.seeds} seeds (fresh weights per seed; a new random subset per seed)",

@@ -14,10 +14,10 @@ The loop around it (`synth.run.optimise`) is shared: it owns the pixels, the opt
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Protocol
+from typing import Callable, ClassVar, Literal, Protocol
 
 import torch
-from pydantic import field_validator
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from distill.config import Strict
@@ -26,7 +26,7 @@ from distill.models import create_model
 from distill.registry import Registry
 from synth.augment import DSA, DSA_OPS
 from synth.config import ImageOptim
-from synth.init import gather
+from synth.init import gather, keyed_generator
 
 
 class SynthMethod(Protocol):
@@ -78,12 +78,27 @@ class SynthContext:
 
     def random_network(self, arch: str, generator: torch.Generator) -> nn.Module:
         """A freshly initialised network taking [0, 1] images (normalised inside with the data's
-        mean/std), its initial weights drawn from `generator` so a chunk is reproducible."""
+        mean/std), its initial weights drawn from `generator` so a chunk is reproducible. On a CPU
+        it is channels_last (measured faster there; the values are the same)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
             model = create_model(arch, self.num_classes, self.channels, self.image_size, self.real.class_names,
                                  mean=tuple(self.mean.flatten().tolist()), std=tuple(self.std.flatten().tolist()))
+        if self.device.type == "cpu":
+            model = model.to(memory_format=torch.channels_last)
         return model.to(self.device)
+
+
+def data_stats(real: ImageSet, seed: int, max_images: int = 4096) -> tuple[Tensor, Tensor]:
+    """Per-channel mean/std of the real training images in [0, 1]: the normalised pixel space that
+    synthesis optimises in and DSA augments in. In-memory data: all images; lazy ImageFolder data: a
+    keyed sample of `max_images`."""
+    if hasattr(real, "images"):
+        x = real.images.float().div(255)
+    else:
+        idx = torch.randperm(len(real), generator=keyed_generator(seed, "stats"))[:max_images]
+        x = gather(real, idx).float().div(255)
+    return x.mean(dim=(0, 2, 3)).view(1, -1, 1, 1), x.std(dim=(0, 2, 3)).clamp_min(1e-3).view(1, -1, 1, 1)
 
 
 def embedder(model: nn.Module) -> Callable[[Tensor], Tensor]:
@@ -96,23 +111,41 @@ def embedder(model: nn.Module) -> Callable[[Tensor], Tensor]:
     raise ValueError(f"{model.arch}: no embedding (needs `embed` or timm's `forward_head`)")
 
 
-class DSAOptions(Strict):
-    """Differentiable siamese augmentation for the matching methods (DM, DC/DSA). `dsa: false` on
-    gradient matching is plain DC; for digits drop "flip" from `dsa_ops`."""
+class MatchingOptions(Strict):
+    """What the matching methods (DM, DC/DSA) share: differentiable siamese augmentation, and how
+    many images one forward pass takes. `dsa: false` on gradient matching is plain DC; for digits
+    drop "flip" from `dsa_ops`. `dsa_mode: flip_then_one` is FYI's DSA draw (see synth.augment)."""
 
     dsa: bool = True
     dsa_ops: list[str] = list(DSA_OPS)
+    dsa_mode: Literal["single", "flip_then_one"] = "single"
+    # images per forward pass: None is 32 on a CPU (cache-sized passes ran 1.5-2.5x faster than
+    # 256-image ones), whole batches on a GPU; networks with BatchNorm always take whole batches
+    micro_batch: int | None = Field(None, ge=1)
 
-    @field_validator("dsa_ops")
-    @classmethod
-    def _ops(cls, v: list[str]) -> list[str]:
-        if not v or any(op not in DSA_OPS for op in v):
-            raise ValueError(f"dsa_ops must be a non-empty subset of {list(DSA_OPS)}, got {v}")
-        return v
+    @model_validator(mode="after")
+    def _ops(self) -> "MatchingOptions":
+        if not self.dsa_ops or any(op not in DSA_OPS for op in self.dsa_ops):
+            raise ValueError(f"dsa_ops must be a non-empty subset of {list(DSA_OPS)}, got {self.dsa_ops}")
+        if self.dsa_mode == "flip_then_one" and ("flip" not in self.dsa_ops or len(self.dsa_ops) < 2):
+            raise ValueError(f"dsa_mode flip_then_one needs 'flip' and another op in dsa_ops, got {self.dsa_ops}")
+        return self
 
 
-def make_dsa(enabled: bool, ops: list[str]) -> DSA | None:
-    return DSA(ops=ops) if enabled else None
+def make_dsa(opts: MatchingOptions, ctx: SynthContext) -> DSA | None:
+    """The method's DSA, in the data's normalised space; None with `dsa: false`."""
+    return DSA(mean=ctx.mean, std=ctx.std, ops=opts.dsa_ops, mode=opts.dsa_mode) if opts.dsa else None
+
+
+CPU_IMAGES_PER_PASS = 32  # ConvNet-3 at 28 px: activations of 32 images stay in cache
+
+
+def images_per_pass(opts: MatchingOptions, net: nn.Module, device: torch.device) -> int | None:
+    """`micro_batch` for the matching objectives: None (whole batches) for a network with
+    BatchNorm, whose output depends on the batch; else the option, by default 32 on a CPU."""
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+        return None
+    return opts.micro_batch or (CPU_IMAGES_PER_PASS if device.type == "cpu" else None)
 
 
 def class_groups(x: Tensor, y: Tensor) -> tuple[list[int], list[Tensor]]:
@@ -120,3 +153,25 @@ def class_groups(x: Tensor, y: Tensor) -> tuple[list[int], list[Tensor]]:
     classes = torch.unique(y).tolist()
     return classes, [x[y == c] for c in classes]
 
+
+class NoOptions(Strict):
+    pass
+
+
+@SYNTH_METHODS.register("none")
+class NoSynthesis:
+    """No optimisation: the starting images (`init`) are the distilled images, as RDED's and
+    HeLlO's selected real patches are (`synth.run` skips the loop; `iterations` is unused)."""
+
+    Options: ClassVar[type[Strict]] = NoOptions
+    needs_teachers: ClassVar[bool] = False
+    clip = False
+
+    def __init__(self, opts: NoOptions, ctx: SynthContext):
+        pass
+
+    def image_optim(self) -> ImageOptim:
+        return ImageOptim()
+
+    def loss(self, x: Tensor, y: Tensor, step: int, generator: torch.Generator) -> dict[str, Tensor]:
+        raise RuntimeError("method none has no objective; synth.run does not optimise its images")

@@ -3,7 +3,8 @@
 - `flip_concat`: FYI (cvlab-yonsei/FYI `BatchAug`), the synthetic batch plus its mirror image.
 - `bn_matching_loss`: SRe2L recover (VILA-Lab/SRe2L `BNFeatureHook`, `recover_cifar.py`).
 - `distribution_matching_loss`: DM (VICO-UoE/DatasetCondensation `main_DM.py`).
-- `gradient_matching_loss`: DC / DSA (VICO-UoE/DatasetCondensation `main.py`, `match_loss` 'ours').
+- `gradient_matching_loss`: DC / DSA (VICO-UoE/DatasetCondensation `main.py`, `match_loss` 'ours');
+  `mean_ce_grads`, the CE gradient it matches, accumulated over passes of a few images.
 - `random_jitter`: SRe2L's crop / flip / roll of the images before the teacher sees them.
 
 The synthesis loops (optimisers, schedules, sampling real batches) live with their callers.
@@ -76,12 +77,24 @@ def _siamese(dsa: DSA | None, generator: torch.Generator | None, real: Tensor, s
     return dsa.apply(real, params), dsa.apply(syn, params)
 
 
+def _chunks(x: Tensor, micro_batch: int | None) -> tuple[Tensor, ...]:
+    return (x,) if micro_batch is None else x.split(micro_batch)
+
+
+def _mean_embeddings(embed_fn: Callable[[Tensor], Tensor], batches: list[Tensor], micro_batch: int | None) -> Tensor:
+    """[len(batches), D]: each batch's mean embedding, all batches passed through together in
+    passes of `micro_batch` images (None: one pass)."""
+    emb = torch.cat([embed_fn(c) for c in _chunks(torch.cat(batches), micro_batch)])
+    return torch.stack([e.mean(dim=0) for e in emb.split([len(b) for b in batches])])
+
+
 def distribution_matching_loss(
     embed_fn: Callable[[Tensor], Tensor],
     real_by_class: Sequence[Tensor],
     syn_by_class: Sequence[Tensor],
     dsa: DSA | None = None,
     generator: torch.Generator | None = None,
+    micro_batch: int | None = None,
 ) -> Tensor:
     """DM: sum over classes c of ||mean embed(real_c) - mean embed(syn_c)||^2.
 
@@ -89,16 +102,19 @@ def distribution_matching_loss(
     gradient (the reference detaches them). With `dsa`, each class gets one siamese draw applied to
     both its real and synthetic batch; otherwise augment in the caller. `embed_fn` is a randomly
     initialised network's `embed` whose parameters the caller has frozen (requires_grad False).
+
+    All classes share the forward passes: one for the real images and one for the synthetic ones,
+    as the reference's BatchNorm branch (main_DM.py lines 165-187); or, for a network that
+    normalises each image on its own (ConvNet's instance norm: the reference loops classes, lines
+    149-163, with the same result), passes of `micro_batch` images, which run faster on a CPU.
     """
     if not syn_by_class or len(real_by_class) != len(syn_by_class):
         raise ValueError(f"need one batch per class on both sides; got {len(real_by_class)} real, {len(syn_by_class)} synthetic")
-    loss = syn_by_class[0].new_zeros(())
-    for real, syn in zip(real_by_class, syn_by_class):
-        real, syn = _siamese(dsa, generator, real, syn)
-        with torch.no_grad():
-            real_mean = embed_fn(real).mean(dim=0)
-        loss = loss + ((real_mean - embed_fn(syn).mean(dim=0)) ** 2).sum()
-    return loss
+    pairs = [_siamese(dsa, generator, real, syn) for real, syn in zip(real_by_class, syn_by_class)]
+    with torch.no_grad():
+        real_means = _mean_embeddings(embed_fn, [r for r, _ in pairs], micro_batch)
+    syn_means = _mean_embeddings(embed_fn, [s for _, s in pairs], micro_batch)
+    return ((real_means - syn_means) ** 2).sum()
 
 
 def gradient_distance(grads_syn: Sequence[Tensor], grads_real: Sequence[Tensor], eps: float = 1e-6) -> Tensor:
@@ -119,35 +135,51 @@ def gradient_distance(grads_syn: Sequence[Tensor], grads_real: Sequence[Tensor],
     return total
 
 
+def mean_ce_grads(net: nn.Module, x: Tensor, y: Tensor, params: Sequence[Tensor], micro_batch: int | None = None,
+                  create_graph: bool = False) -> tuple[Tensor, ...]:
+    """d CE(net(x), y) / d params, CE averaged over x, accumulated over passes of `micro_batch`
+    images (None: one pass; with create_graph, always one pass)."""
+    if micro_batch is None or create_graph:
+        return torch.autograd.grad(F.cross_entropy(net(x), y), params, create_graph=create_graph)
+    total = None
+    for xc, yc in zip(x.split(micro_batch), y.split(micro_batch)):
+        grads = torch.autograd.grad(F.cross_entropy(net(xc), yc, reduction="sum"), params)
+        total = list(grads) if total is None else [t.add_(g) for t, g in zip(total, grads)]
+    return tuple(t.div_(len(x)) for t in total)
+
+
 def gradient_matching_loss(
     net: nn.Module,
-    real_x: Tensor,
-    real_y: Tensor,
-    syn_x: Tensor,
-    syn_y: Tensor,
+    classes: Sequence[int],
+    real_by_class: Sequence[Tensor],
+    syn_by_class: Sequence[Tensor],
     dsa: DSA | None = None,
     generator: torch.Generator | None = None,
+    micro_batch: int | None = None,
 ) -> Tensor:
-    """DC / DSA: sum over the classes in syn_y of gradient_distance(dCE(syn_c)/dθ, dCE(real_c)/dθ).
+    """DC / DSA: sum over classes c of gradient_distance(dCE(syn_c)/dθ, dCE(real_c)/dθ), the
+    reference's per-class loop (main.py lines 179-199).
 
-    θ are the net's parameters that require grad. Real gradients are constants; synthetic ones keep
-    their graph (create_graph) so the loss back-propagates to syn_x. With `dsa`, each class gets one
-    siamese draw for both batches. BatchNorm handling (the reference freezes BN statistics on a real
-    batch first) is the caller's: this function only runs forward passes.
+    θ are the net's parameters that require grad. Real gradients are constants (accumulated over
+    passes of `micro_batch` images: exact when the network normalises each image on its own, or its
+    BatchNorm is frozen); synthetic ones keep their graph (create_graph) so the loss back-propagates
+    to the synthetic images. With `dsa`, each class gets one siamese draw for both batches.
+    BatchNorm handling (the reference freezes BN statistics on a real batch first) is the caller's.
     """
     params = [p for p in net.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"gradient_matching_loss: {type(net).__name__} has no parameters requiring grad")
-    loss = syn_x.new_zeros(())
-    for c in torch.unique(syn_y).tolist():
-        real_c, syn_c = real_x[real_y == c], syn_x[syn_y == c]
-        if real_c.shape[0] == 0:
+    if not syn_by_class or not len(classes) == len(real_by_class) == len(syn_by_class):
+        raise ValueError(f"need one batch per class on both sides; got {len(classes)} classes, "
+                         f"{len(real_by_class)} real, {len(syn_by_class)} synthetic")
+    loss = syn_by_class[0].new_zeros(())
+    for c, real, syn in zip(classes, real_by_class, syn_by_class):
+        if real.shape[0] == 0:
             raise ValueError(f"gradient_matching_loss: no real images of class {c}")
-        real_c, syn_c = _siamese(dsa, generator, real_c, syn_c)
-        real_loss = F.cross_entropy(net(real_c), real_y.new_full((real_c.shape[0],), c))
-        grads_real = [g.detach() for g in torch.autograd.grad(real_loss, params)]
-        syn_loss = F.cross_entropy(net(syn_c), syn_y.new_full((syn_c.shape[0],), c))
-        grads_syn = torch.autograd.grad(syn_loss, params, create_graph=True)
+        real, syn = _siamese(dsa, generator, real, syn)
+        target = torch.full((len(real),), c, device=real.device)
+        grads_real = [g.detach() for g in mean_ce_grads(net, real, target, params, micro_batch)]
+        grads_syn = mean_ce_grads(net, syn, target[:1].expand(len(syn)), params, create_graph=True)
         loss = loss + gradient_distance(grads_syn, grads_real)
     return loss
 

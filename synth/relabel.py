@@ -5,6 +5,12 @@ sharded and checksummed by the store's own writer, read back by its `LabelStore`
 The same code labels a distilled set (into the artefact's `labels/`) and the random real subset
 that eval-synth trains beside it, so both carry labels of the same kind and size. Students replay
 them through the `relabel` label source (`RelabelLabels`): student epoch e reads label epoch e mod E.
+
+The label spec (`RelabelConfig.loss`, `.temperature`) decides both ends: the store keeps the
+teachers' softmax at T, and the student learns it with that loss at that T (`student_loss`).
+Softening at T before the top-k cut keeps the tail's true mass; softening stored T = 1 labels
+afterwards (p^(1/T), renormalised) would be exact only for a `topk: full` store, and inflates a
+marginal-smoothing tail (a uniform tail is the largest p^(1/T) can make it).
 """
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ from typing import Any, Literal
 
 import torch
 
-from distill.config import Strict
+from distill.config import LossConfig, Strict
 from distill.data import ImageSet
 from distill.errors import ArtefactError, ConfigError
 from synth.config import RelabelConfig
@@ -35,16 +41,22 @@ def resolve_topk(rc: RelabelConfig, num_classes: int) -> int:
 def relabel_store(root: Path, images: ImageSet, teachers: list, rc: RelabelConfig, seed: int, config_hash: str,
                   device: torch.device, rank: int = 0, world: int = 1, progress: bool = True) -> dict[str, Any] | None:
     """Write (or resume) the label store for `images`; its manifest, or None while other ranks'
-    shards are missing. Several teachers: the MEAL V2 mean of their softmax."""
+    shards are missing. Several teachers: the MEAL V2 mean of their softmax, at the spec's T."""
     names = tuple(t.name for t in teachers)
     desc = f"teacher {names[0]}" if len(names) == 1 else f"MEAL V2 ensemble of {', '.join(names)}"
-    source = RowBatched(EnsemblePool(teachers).to(device), rc.batch_size)
+    desc += f", softmax at T = {rc.temperature:g}" if rc.temperature != 1.0 else ""  # T = 1 stores keep their spec
+    source = RowBatched(EnsemblePool(teachers, temperature=rc.temperature).to(device), rc.batch_size)
     spec = StoreSpec(config_hash=config_hash, label_source=desc, teachers=names, class_names=tuple(images.class_names),
                      data_fingerprint=images.fingerprint(), image_size=images.image_size, num_images=len(images),
                      epochs=rc.epochs, crops_per_image=rc.crops_per_image, topk=resolve_topk(rc, images.num_classes),
                      shard_images=rc.shard_images, seed=seed, scale=tuple(rc.scale), ratio=tuple(rc.ratio),
                      flip_prob=0.5 if rc.flip else 0.0)
     return generate_store(root, spec, images, source, device, rc.batch_size, rank, world, progress)
+
+
+def student_loss(rc: RelabelConfig) -> LossConfig:
+    """The loss a student learns a relabel store with: the label spec it was written for."""
+    return LossConfig(kd=rc.loss, temperature=rc.temperature)
 
 
 class RelabelOptions(Strict):

@@ -29,8 +29,8 @@ from distill.progress import Progress, set_interval
 from synth.artefact import MANIFEST, as_imageset, quantise, read_manifest, write_artefact
 from synth.config import SynthConfig
 from synth.hello import hello_step, preflight
-from synth.init import check_init, class_indices, gather, init_images, keyed_generator
-from synth.methods import SYNTH_METHODS, SynthContext, SynthMethod
+from synth.init import check_init, class_indices, init_images, keyed_generator
+from synth.methods import SYNTH_METHODS, SynthContext, SynthMethod, data_stats
 from synth.objectives import flip_concat
 from synth.relabel import relabel_store, resolve_topk
 from teachers.teacher import create_teacher
@@ -80,17 +80,6 @@ class SynthResult:
                 f"({self.chunks_run} chunk(s) run now, {self.seconds:.1f}s)")
 
 
-def data_stats(real: ImageSet, seed: int, max_images: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean/std of the real training images in [0, 1]: the normalised pixel space.
-    In-memory data: all images; lazy ImageFolder data: a keyed sample of `max_images`."""
-    if hasattr(real, "images"):
-        x = real.images.float().div(255)
-    else:
-        idx = torch.randperm(len(real), generator=keyed_generator(seed, "stats"))[:max_images]
-        x = gather(real, idx).float().div(255)
-    return x.mean(dim=(0, 2, 3)).view(1, -1, 1, 1), x.std(dim=(0, 2, 3)).clamp_min(1e-3).view(1, -1, 1, 1)
-
-
 def build_teachers(cfg: SynthConfig, real: ImageSet, device: torch.device) -> list:
     out = []
     for i, t in enumerate(cfg.teachers):
@@ -118,7 +107,7 @@ def optimise(method: SynthMethod, x0: torch.Tensor, y: torch.Tensor, ctx: SynthC
     z = ((x0 - mean) / std).detach().clone().requires_grad_(True)
     opt = (torch.optim.Adam([z], lr=oc.lr, betas=oc.betas) if oc.name == "adam"
            else torch.optim.SGD([z], lr=oc.lr, momentum=oc.momentum))
-    last = float("nan")
+    last = torch.tensor(float("nan"))
     bar = Progress(range(iterations), desc=desc, unit="step", leave=False, enabled=progress)
     for step in bar:
         factor = 0.5 * (1 + math.cos(math.pi * step / iterations)) if oc.schedule == "cosine" else 1.0
@@ -133,10 +122,10 @@ def optimise(method: SynthMethod, x0: torch.Tensor, y: torch.Tensor, ctx: SynthC
         if method.clip:
             with torch.no_grad():
                 z.copy_(((z * std + mean).clamp(0, 1) - mean) / std)
-        last = float(terms["loss"].detach())
+        last = terms["loss"].detach()  # read back only when shown: no device sync per step
         if step % 10 == 0 or step == iterations - 1:
-            bar.set_postfix(loss=f"{last:.4f}")
-    return (z * std + mean).detach(), last
+            bar.set_postfix(loss=f"{float(last):.4f}")
+    return (z * std + mean).detach(), float(last)
 
 
 class SynthJob:
@@ -153,7 +142,7 @@ class SynthJob:
         empty = [self.real.class_names[c] for c, i in self.by_class.items() if len(i) == 0]
         if empty:
             raise ConfigError(f"data: class(es) {empty[:8]} have no training images; every class needs real images")
-        check_init(cfg.init.kind, cfg.ipc, self.real, self.by_class)
+        check_init(cfg.init, cfg.ipc, self.real, self.by_class)
         self.mean, self.std = data_stats(self.real, cfg.seed)
         self.method_cls = SYNTH_METHODS.get(cfg.method)
         self.opts = self.method_cls.Options.model_validate(cfg.options)
@@ -203,12 +192,15 @@ class SynthJob:
         cfg = self.cfg
         start = time.perf_counter()
         gen = keyed_generator(cfg.seed, "chunk", ch.name)
-        x0 = init_images(cfg.init.kind, self.real, self.by_class, list(ch.classes), ch.ipc_lo, ch.ipc_hi, cfg.ipc,
-                         cfg.seed, self.teachers, self.device, self.mean, self.std, cfg.init.candidates)
-        y = torch.tensor(ch.classes, device=self.device).repeat_interleave(ch.ipc_hi - ch.ipc_lo)
-        method = self.method_cls(self.opts, self.context())
-        images, loss = optimise(method, x0, y, self.context(), cfg.iterations, cfg.flip, gen,
-                                f"{cfg.name} {ch.name}", self.progress)
+        x0 = init_images(cfg.init, self.real, self.by_class, list(ch.classes), ch.ipc_lo, ch.ipc_hi, cfg.ipc,
+                         cfg.seed, self.teachers, self.device, self.mean, self.std)
+        if cfg.method == "none":  # the starting images are the distilled images (RDED, HeLlO)
+            images, loss = x0, 0.0
+        else:
+            y = torch.tensor(ch.classes, device=self.device).repeat_interleave(ch.ipc_hi - ch.ipc_lo)
+            method = self.method_cls(self.opts, self.context())
+            images, loss = optimise(method, x0, y, self.context(), cfg.iterations, cfg.flip, gen,
+                                    f"{cfg.name} {ch.name}", self.progress)
         seconds = time.perf_counter() - start
         save_tensors(self.chunk_path(ch), {"images": images.float().cpu()},
                      {"synthesis_hash": cfg.synthesis_hash(), "chunk": ch.name, "seconds": seconds, "final_loss": loss,

@@ -246,3 +246,70 @@ def test_shipped_recipes_validate(tmp_path):
             over.append(f"data.path={folder if raw['data']['source'] == 'imagefolder' else stand_in}")
         cfg = load_synth_config(path, over)
         assert cfg.name == path.stem or cfg.name.startswith("in1k_")
+
+
+def test_relabel_label_spec_defaults_and_round_trips(recipe, bn_teacher):
+    """bn_matching relabel: SRe2L's KL at T = 3 unless the recipe says otherwise; other methods
+    FKD's soft CE at T = 1; the resolved recipe (the artefact's recipe.yaml) states it and reads
+    back to the same spec; a relabel section written before the spec existed reads as T = 1."""
+    import yaml
+
+    from distill.config import dump_config
+    from synth.config import RelabelConfig
+
+    teachers = [{"model": "test_resnet", "checkpoint": str(bn_teacher)}]
+    relabel = {"mode": "relabel", "relabel": {"epochs": 1, "topk": 3}}
+    bn = recipe("bn", method="bn_matching", options={}, teachers=teachers, labels=relabel)
+    assert (bn.labels.relabel.loss, bn.labels.relabel.temperature) == ("kl", 3.0)
+    dm = recipe("dm", teachers=teachers, labels=relabel)
+    assert (dm.labels.relabel.loss, dm.labels.relabel.temperature) == ("soft_ce", 1.0)
+    own = recipe("own", method="bn_matching", options={}, teachers=teachers,
+                 labels={"mode": "relabel", "relabel": {"loss": "soft_ce"}})
+    assert (own.labels.relabel.loss, own.labels.relabel.temperature) == ("soft_ce", 1.0)
+
+    section = yaml.safe_load(dump_config(bn))["labels"]["relabel"]  # as the artefact's recipe.yaml holds it
+    assert section["loss"] == "kl" and section["temperature"] == 3.0
+    assert RelabelConfig.model_validate(section) == bn.labels.relabel
+    older = {k: v for k, v in section.items() if k not in ("loss", "temperature")}
+    old = RelabelConfig.model_validate(older)  # how eval-synth reads an artefact made before the spec
+    assert (old.loss, old.temperature) == ("soft_ce", 1.0)
+
+
+def test_eval_synth_trains_bn_matching_relabel_students_by_kl_at_t3(recipe, bn_teacher, tmp_path, monkeypatch):
+    """The artefact's label spec reaches both ends: its store holds the teacher's softmax at T = 3,
+    and eval-synth's students of the distilled set and the random subset learn it by KL at T = 3;
+    the same artefact with an older recipe (no spec) trains them by soft CE at T = 1."""
+    import dataclasses
+
+    import yaml
+
+    from distill.models import load_model
+    from synth import eval_synth as es
+    from teachers.store import LabelStore
+
+    cfg = recipe("bn_kl", ipc=1, method="bn_matching", options={"jitter": 1, "jitter_flip": False},
+                 teachers=[{"model": "test_resnet", "checkpoint": str(bn_teacher)}],
+                 labels={"mode": "relabel", "relabel": {"epochs": 1, "topk": "full"}})
+    res = synthesize(cfg, progress=False)
+    art = read_artefact(res.root)
+    assert yaml.safe_load(art.recipe_yaml)["labels"]["relabel"]["temperature"] == 3.0
+    assert "T = 3" in LabelStore(art.labels_root).spec.label_source
+    # a dense store at T = 3 holds softmax(z / 3) of the teacher's logits on the stored crops
+    labeler, _ = es.store_labeler(art.labels_root, art.images, "marginal_renorm")
+    batch = labeler(art.images.images.float() / 255, art.images.targets, torch.arange(len(art.images)), 0, None)
+    with torch.no_grad():
+        want = (load_model(bn_teacher).eval()(batch.images) / 3).softmax(1)
+    assert torch.allclose(batch.soft.probs, want, atol=2e-3)
+
+    losses, train = [], es.train_student
+    monkeypatch.setattr(es, "train_student", lambda *a: losses.append(a[-1]) or train(*a))
+    es.eval_synth(res.root, progress=False, seeds=1, overrides=["full_data=false", "epochs=1"],
+                  cache_dir=tmp_path / "cache")
+    assert [(loss.kd, loss.temperature) for loss in losses] == [("kl", 3.0), ("kl", 3.0)]  # distilled, random
+    assert "learnt by `kl`" in (res.root / "eval" / "report.md").read_text()
+
+    older = yaml.safe_load(art.recipe_yaml)
+    for key in ("loss", "temperature"):
+        older["labels"]["relabel"].pop(key)
+    legacy = es.relabel_config(dataclasses.replace(art, recipe_yaml=yaml.safe_dump(older)))
+    assert (legacy.loss, legacy.temperature) == ("soft_ce", 1.0)
