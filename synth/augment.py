@@ -39,6 +39,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 DSA_OPS = ("color", "crop", "cutout", "flip", "scale", "rotate")
+# Bumped when a DSA draw computes something else, so hashes of synthesis chunks, artefacts and eval
+# runs change and nothing made before is silently reused. 2: ops in the data's normalised space.
+DSA_REVISION = 2
 DSA_MODES = ("single", "flip_then_one", "all")
 _DRAWS_PER_OP = {"color": 3, "crop": 2, "cutout": 2, "flip": 1, "scale": 2, "rotate": 1}
 

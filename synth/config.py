@@ -18,7 +18,7 @@ from distill.config import (CropScale, DataConfig, Device, LogConfig, ModelConfi
                             check_kd_temperature, format_validation_error)
 from distill.errors import ConfigError
 from distill.models import is_known_model, suggest_models
-from synth.augment import DSA_OPS
+from synth.augment import DSA_OPS, DSA_REVISION
 from synth.projector import ProjectorConfig
 
 
@@ -320,10 +320,12 @@ class SynthConfig(Strict):
                            "storage"))
 
     def _hash(self, leave_out: tuple[str, ...]) -> str:
-        """Keys at their defaults are left out, so a field added later keeps older hashes."""
+        """Keys at their defaults are left out, so a field added later keeps older hashes; the DSA
+        revision is in, so chunks and artefacts made with an older DSA are not reused."""
         d = self.model_dump(mode="json", exclude_defaults=True)
         for k in leave_out:
             d.pop(k, None)
+        d["dsa_revision"] = DSA_REVISION
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -45,7 +45,7 @@ from distill.report import markdown_table, text_table
 from students.build import create_backend, create_step
 from students.trainer import Trainer
 from synth.artefact import Artefact, read_artefact
-from synth.augment import DSA
+from synth.augment import DSA, DSA_REVISION
 from synth.config import EvalConfig, RelabelConfig
 from synth.ddranking import LRS_WEIGHT, DDRanking, dd_ranking
 from synth.hello import projector_labeler
@@ -225,6 +225,8 @@ def _protocol_hash(protocol: EvalConfig, *parts: Any) -> str:
     for k in ("students", "seeds", "random_subset", "full_data", "eval_batch_size"):  # best_epoch stays: its runs
         # evaluate every epoch, so a run made without it cannot answer it
         d.pop(k)
+    if protocol.augment == "dsa":  # runs trained with an older DSA answer another protocol
+        d["dsa_revision"] = DSA_REVISION
     return hashlib.sha256(json.dumps([d, *map(str, parts)], sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -313,3 +313,17 @@ def test_eval_synth_trains_bn_matching_relabel_students_by_kl_at_t3(recipe, bn_t
         older["labels"]["relabel"].pop(key)
     legacy = es.relabel_config(dataclasses.replace(art, recipe_yaml=yaml.safe_dump(older)))
     assert (legacy.loss, legacy.temperature) == ("soft_ce", 1.0)
+
+
+def test_a_new_dsa_revision_changes_every_cache_key(recipe, monkeypatch):
+    """Chunks, artefacts and eval runs made with an older DSA must not be reused silently."""
+    import synth.config
+    import synth.eval_synth
+    from synth.config import EvalConfig
+
+    cfg = recipe()
+    before = (cfg.hash(), cfg.synthesis_hash(), synth.eval_synth._protocol_hash(EvalConfig(), "convnet3"))
+    monkeypatch.setattr(synth.config, "DSA_REVISION", 1)
+    monkeypatch.setattr(synth.eval_synth, "DSA_REVISION", 1)
+    after = (cfg.hash(), cfg.synthesis_hash(), synth.eval_synth._protocol_hash(EvalConfig(), "convnet3"))
+    assert all(b != a for b, a in zip(before, after))
