@@ -18,6 +18,14 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> None:
+    """Lay out, write the PNG atomically, free the figure."""
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
 def plot_curves(path: Path, runs: dict[str, list[dict[str, Any]]], keys: Sequence[str] = ("train_loss", "test_top1")) -> None:
     """One panel per metric, one line per run."""
     plt = _plt()
@@ -31,10 +39,7 @@ def plot_curves(path: Path, runs: dict[str, list[dict[str, Any]]], keys: Sequenc
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
     (axes[0] if len(keys) > 1 else axes).legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_table(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]], title: str = "") -> None:
@@ -47,10 +52,7 @@ def plot_table(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]],
     table.scale(1, 1.3)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_bars(path: Path, groups: dict[str, list[float]], title: str = "") -> None:
@@ -68,10 +70,7 @@ def plot_bars(path: Path, groups: dict[str, list[float]], title: str = "") -> No
     ax.grid(axis="x", alpha=0.3)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
