@@ -46,6 +46,16 @@ DSA_MODES = ("single", "flip_then_one", "all")
 _DRAWS_PER_OP = {"color": 3, "crop": 2, "cutout": 2, "flip": 1, "scale": 2, "rotate": 1}
 
 
+def check_dsa(ops: Sequence[str], mode: str) -> None:
+    """The ops and draw mode DSA accepts (a recipe's `dsa_ops` / `dsa_mode` are checked with this)."""
+    if not ops or any(op not in _DRAWS_PER_OP for op in ops):
+        raise ValueError(f"dsa_ops must be a non-empty subset of {list(DSA_OPS)}, got {list(ops)}")
+    if mode not in DSA_MODES:
+        raise ValueError(f"dsa_mode must be one of {list(DSA_MODES)}, got {mode!r}")
+    if mode == "flip_then_one" and ("flip" not in ops or len(ops) < 2):
+        raise ValueError(f"dsa_mode flip_then_one needs 'flip' and another op in dsa_ops, got {list(ops)}")
+
+
 @dataclass(frozen=True)
 class DSAParams:
     """One sampled augmentation: the ops to run and, per op, uniform draws of shape (n, k);
@@ -75,13 +85,7 @@ class DSA:
         saturation: float = 2.0,
         contrast: float = 0.5,
     ):
-        unknown = [op for op in ops if op not in _DRAWS_PER_OP]
-        if unknown or not ops:
-            raise ValueError(f"DSA ops must be a non-empty subset of {DSA_OPS}, got {list(ops)}")
-        if mode not in DSA_MODES:
-            raise ValueError(f"DSA mode must be one of {DSA_MODES}, got {mode!r}")
-        if mode == "flip_then_one" and ("flip" not in ops or len(ops) < 2):
-            raise ValueError(f"DSA mode 'flip_then_one' needs 'flip' and another op in ops, got {list(ops)}")
+        check_dsa(ops, mode)
         self.mean = torch.as_tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1)
         self.std = torch.as_tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1)
         self.ops = tuple(ops)

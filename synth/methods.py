@@ -24,7 +24,7 @@ from distill.config import Strict
 from distill.data import ImageSet
 from distill.models import create_model
 from distill.registry import Registry
-from synth.augment import DSA, DSA_OPS
+from synth.augment import DSA, DSA_OPS, check_dsa
 from synth.config import ImageOptim
 from synth.init import gather, keyed_generator
 
@@ -125,10 +125,7 @@ class MatchingOptions(Strict):
 
     @model_validator(mode="after")
     def _ops(self) -> "MatchingOptions":
-        if not self.dsa_ops or any(op not in DSA_OPS for op in self.dsa_ops):
-            raise ValueError(f"dsa_ops must be a non-empty subset of {list(DSA_OPS)}, got {self.dsa_ops}")
-        if self.dsa_mode == "flip_then_one" and ("flip" not in self.dsa_ops or len(self.dsa_ops) < 2):
-            raise ValueError(f"dsa_mode flip_then_one needs 'flip' and another op in dsa_ops, got {self.dsa_ops}")
+        check_dsa(self.dsa_ops, self.dsa_mode)
         return self
 
 
