@@ -1,8 +1,10 @@
 """`distill labels RECIPE --estimate`: what a label store will cost, measured here, written nowhere.
 
 The recipe's label source (its pool, calibration, top-k) labels one shard's worth of sample images
-(`--estimate-images`, default 64) the way generation will — a first pass warms up, the median of
-three timed passes counts — and the numbers scale linearly to the whole store: crops =
+(`--estimate-images`, default 64) the way generation will — in-memory images cropped on the device,
+image files decoded and cut by the recipe's `trainer.num_workers` loader workers, so decoding is in
+the wall time — a first pass warms up, the median of three timed passes counts — and the numbers
+scale linearly to the whole store: crops =
 images × label epochs × crops per image; teacher-seconds and wall time per crop on this machine
 (wall time split over `--world` processes); bytes as the shard the sample makes, serialised.
 """
@@ -20,9 +22,10 @@ from distill.data import ImageSet, load_data
 from distill.distributed import resolve_device
 from distill.errors import ConfigError
 from distill.generate_store import build_label_source, store_spec
+from distill.imagefiles import ImageFiles
 from distill.teacher_pool import check_checkpoints
 from teachers.labeling import labeling_for
-from teachers.store import label_shard, shard_generator
+from teachers.store import label_file_shard, label_shard, shard_generator
 from teachers.store_labels import StoreOptions, generate_section
 
 SHARD_OVERHEAD = 320  # bytes a shard adds to its tensors: safetensors header + our JSON metadata (measured)
@@ -75,13 +78,19 @@ def estimate_labels(cfg: RunConfig, sample_images: int = 64, world: int = 1,
     source, _, desc = build_label_source(cfg, opts, train, device)
     spec = store_spec(cfg, opts, train, desc)
     n = min(sample_images, len(train))
-    images01 = torch.stack([train[i][0] for i in range(n)]).to(device).float().div_(255)
     per_call = max(1, generate_section(opts).batch_size // spec.crops_per_image)
+    files = isinstance(train, ImageFiles)
+    if not files:
+        images01 = train.images[:n].to(device).float().div_(255)
 
     def one_pass() -> tuple[float, float, dict]:
         queried = source.cost.total_seconds
         start = time.perf_counter()
-        tensors = label_shard(spec, images01, train.targets[:n], 0, source, shard_generator(spec.seed, 0, 0), per_call)
+        gen = shard_generator(spec.seed, 0, 0)
+        if files:  # decode + cut in workers, as generate_store runs them
+            tensors = label_file_shard(spec, train, 0, 0, n, source, gen, per_call, device, cfg.trainer.num_workers)
+        else:
+            tensors = label_shard(spec, images01, train.targets[:n], 0, source, gen, per_call)
         return time.perf_counter() - start, source.cost.total_seconds - queried, tensors
 
     one_pass()  # warm-up: first calls allocate, compile, fill caches

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from distill.config import DataConfig
 from distill.data import load_data
+from distill.generate_store import generate_labels
 from distill.errors import DataError
 from distill.imagefiles import RandomCropPlan, TrainViews, collate_views, resolve_eval
 from distill.pack import pack_imagefolder
@@ -216,3 +217,25 @@ def test_data_pack_command(tmp_path, capsys):
     assert "--shard-size 'lots'" in capsys.readouterr().err
     assert main(["data", "pack", str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_estimate_of_image_files_times_the_decode_and_matches_generation(tiny_recipe, tmp_path, monkeypatch):
+    """Image files: the estimate's sample goes through the generation's own path (decode + cut in
+    loader workers), so its bytes per image are the real store's and its time includes decoding."""
+    import distill.label_estimate as le
+
+    decoded = []
+    real_decode = le.label_file_shard
+    monkeypatch.setattr(le, "label_file_shard", lambda *a, **k: decoded.append(a[3:5]) or real_decode(*a, **k))
+    folder = make_folder(tmp_path / "f", per_class=12, size=(60, 44))
+    raw = tiny_recipe("estf", data={"source": "imagefolder", "path": str(folder), "image_size": 16, "train_limit": None},
+                      pool={"teachers": [{"model": "test_resnet", "name": "t"}]},
+                      labels={"store": str(tmp_path / "estf"), "generate": {"crops_per_image": 4, "topk": 2,
+                                                                           "shard_images": 12}})
+    cfg = parse_config(raw)
+    est = le.estimate_labels(cfg, sample_images=12)
+    assert decoded == [(0, 12)] * 4  # warm-up + 3 timed passes, each decoding the sample
+    assert not (tmp_path / "estf").exists()
+    real = generate_labels(cfg, progress=False)
+    assert 0.9 <= est.bytes / real.manifest["bytes"] <= 1.1
+    assert 0.5 <= est.seconds_per_crop / (real.seconds / est.crops) <= 2.0
