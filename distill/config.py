@@ -472,6 +472,11 @@ class RunConfig(Strict):
         t = self.trainer
         if t.backend != "deepspeed":
             return self
+        if self.data.loader.channels_last:
+            raise ValueError("data.loader.channels_last: true does not work under trainer.backend: deepspeed, which "
+                             "keeps the weights in flat contiguous buffers (its start-up broadcast fails on "
+                             "channels_last strides, and ZeRO re-points every weight into a flat buffer); set "
+                             "data.loader.channels_last: false, or train with trainer.backend: plain")
         try:
             check_deepspeed_config(t.deepspeed or {}, batch_size=t.batch_size, grad_accum=t.grad_accum,
                                    precision=self.precision, optimizer=self.optim.name)
