@@ -74,7 +74,10 @@ def ensure_tdvenv() -> Path:
 # ------------------------------------------------------------------ our side (in a child process)
 def base_recipe(name: str, seed: int, model: str) -> dict:
     return {"name": name, "seed": seed,
-            "data": {"source": "npz", "path": str(DATA), "image_size": 28, "augment": NO_AUG},
+            "data": {"source": "npz", "path": str(DATA), "image_size": 28, "augment": NO_AUG,
+                     # the student (and its batches) in channels_last: 2.5× faster for this
+                     # depthwise-conv student on this CPU (docs/performance.md); --no-channels-last: off
+                     "loader": {"channels_last": os.environ.get("BENCH_CHANNELS_LAST", "1") == "1"}},
             "student": {"model": model},
             "optim": {"name": "sgd", "lr": LR, "momentum": 0.9, "weight_decay": WD, "schedule": "cosine"},
             "trainer": {"epochs": EPOCHS, "batch_size": BATCH, "num_workers": 0,
@@ -259,6 +262,8 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench_vs_torchdistill")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "vs_torchdistill.json"))
     p.add_argument("--compile", action="store_true", help="our runs with trainer.compile: true (inductor)")
+    p.add_argument("--no-channels-last", action="store_true",
+                   help="our student in the default contiguous format (data.loader.channels_last: false)")
     p.add_argument("--summarize", action="store_true", help="reprint the table of an existing --json (no runs)")
     a = p.parse_args()
     out = (ROOT / a.out).resolve()
@@ -276,7 +281,7 @@ def main() -> None:
 
     threads = os.environ.get("OMP_NUM_THREADS", "2")
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TEACHER_EPOCHS": str(a.teacher_epochs),
-           "BENCH_COMPILE": "1" if a.compile else "0"}
+           "BENCH_COMPILE": "1" if a.compile else "0", "BENCH_CHANNELS_LAST": "0" if a.no_channels_last else "1"}
     if out.exists() and out.is_relative_to(ROOT / "runs"):  # fresh runs: our trainer resumes a run dir it finds
         import shutil
         shutil.rmtree(out)
@@ -288,7 +293,8 @@ def main() -> None:
                     "recipe": {"epochs": EPOCHS, "batch": BATCH, "lr": LR, "weight_decay": WD, "momentum": 0.9,
                                "schedule": "cosine per epoch", "T": T, "soft": SOFT, "hard": HARD,
                                "augmentation": "none on either side", "teacher_epochs": a.teacher_epochs,
-                               "our_pool_precision": a.precision, "our_trainer_compile": a.compile, "our_num_workers": 0, "their_num_workers": 0,
+                               "our_pool_precision": a.precision, "our_trainer_compile": a.compile,
+                               "our_student_channels_last": not a.no_channels_last, "our_num_workers": 0, "their_num_workers": 0,
                                "our_loss": f"kl·T² + {HARD / SOFT:.4f}·CE at lr {LR * SOFT:.4f}, wd {WD / SOFT:.3e} (≡ 0.9/0.1)",
                                "store": "1 label epoch × 1 crop (whole image) × dense fp16, replayed every epoch"},
                     "runs": {}}

@@ -76,3 +76,32 @@ def test_evaluate_runs_the_forward_in_the_run_precision():
     assert evaluate(Probe(), data, precision="bf16", channels_last=True)["top1"] == 50.0
     assert evaluate(Probe(), data)["top1"] == 50.0
     assert seen == [(True, True), (False, False)]
+
+
+def test_compiled_student_gives_the_same_loss_and_gradients(tiny_recipe):
+    """trainer.compile: true (torch.compile of the student) gives the eager step's loss terms and
+    gradients on a fixed batch, within float tolerance, and keeps the checkpoint keys."""
+    from distill.data import load_data
+    from students.build import create_step
+    from teachers.source import SoftLabels
+
+    steps = []
+    for compiled in (False, True):
+        cfg = parse_config(tiny_recipe(student={"model": "test_resnet"}, trainer={"compile": compiled},
+                                       pool={"teachers": [{"model": "test_vit"}]},
+                                       loss={"kd": "kl", "temperature": 4.0, "hard_ce": 0.5}))
+        train_set, _ = load_data(cfg.data)
+        steps.append(create_step(cfg, train_set))
+    images, targets = train_set.images[:24].float() / 255, train_set.targets[:24]
+    soft = SoftLabels(probs=torch.softmax(torch.randn(24, 10, generator=torch.Generator().manual_seed(0)), 1))
+    terms, grads = [], []
+    for step in steps:
+        step.train()
+        out = step(images, targets, soft)
+        out["loss"].backward()
+        terms.append({k: v.item() for k, v in out.items()})
+        grads.append(torch.cat([p.grad.flatten() for p in step.parameters() if p.grad is not None]))
+    assert terms[0].keys() == terms[1].keys() and {"loss", "kd", "ce"} <= terms[0].keys()
+    assert terms[1] == pytest.approx(terms[0], rel=1e-4, abs=1e-5)
+    assert torch.allclose(grads[1], grads[0], rtol=1e-3, atol=1e-5)
+    assert set(steps[1].student.state_dict()) == set(steps[0].student.state_dict())
