@@ -6,9 +6,9 @@ file. Student: timm mobilenetv3_small_050, 15 epochs, SGD (lr 0.05, momentum 0.9
 per epoch, batch 128 (last partial batch dropped on both sides), Hinton KD T = 4, 0.9 soft + 0.1 hard.
 Our student and its batches are in channels_last (`data.loader.channels_last`; `--no-channels-last`
 for torchdistill's layout; docs/performance.md has both). No augmentation on either side (ours:
-`data.augment` scale (1, 1), ratio (1, 1), no flip, so the "crop" is the whole 28 px image; theirs: a pre-normalised in-memory tensor dataset). Both sides
-evaluate top-1 on the 2,000 test images after every epoch (our trainer always does; torchdistill's
-example script does too).
+`data.augment` scale (1, 1), ratio (1, 1), no flip, so the "crop" is the whole 28 px image; theirs:
+a pre-normalised in-memory tensor dataset). Both sides evaluate top-1 on the 2,000 test images after
+every epoch (our trainer always does; torchdistill's example script does too).
 
 Runs, each in its own subprocess, one after another (nothing else should run on the machine):
   teacher          ours, `distill.train`, hard labels (once, shared)
