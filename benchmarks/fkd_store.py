@@ -249,7 +249,7 @@ def main() -> None:
     print(f"\n=== P1: one student epoch ({STUDENT}, MNIST-10k subset of {n_mnist[0]} train images, "
           f"16 px, 64 views/step, CPU, {args.threads} thread(s); {rounds} rounds, variants stepped in lockstep) ===")
     print(text_table(["labels", "epoch s (min)", "rounds", "ratio vs hard (min)", "ratio (median)", "views/epoch",
-                      "ms per 1k views"], p1))
+                      "ms per view"], p1))
     print("goal: FKD store / hard labels <= 1.05")
 
     print("\n=== Store bytes (measured from written stores; M = 4 crops per image-epoch, top-k fp16 + int16 ids,"
