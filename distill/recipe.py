@@ -83,6 +83,9 @@ def parse_synth_config(raw: dict[str, Any], source: str = "recipe") -> SynthConf
         method.Options.model_validate(cfg.options)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source, prefix="options", model=method.Options)) from None
+    if cfg.method == "none" and cfg.flip:
+        raise _problem(source, "flip", "flip: true mirrors the images while they are optimised; method none keeps the "
+                                       "starting images as they are: set flip: false, or choose an optimising method")
     if method.needs_teachers:
         if not cfg.teachers:
             raise _problem(source, "teachers", f"the images of method {cfg.method} need trained teachers: set "

@@ -121,6 +121,12 @@ def test_a_dumped_recipe_reads_back():
         assert parse_synth_config(cfg.to_dict()).init == cfg.init
 
 
+def test_method_none_refuses_flip():
+    """FYI's flip acts on images being optimised; method none optimises nothing, so it is refused."""
+    with pytest.raises(ConfigError, match="flip: flip: true mirrors the images while they are optimised"):
+        parse_synth_config({**_recipe(kind="real"), "flip": True})
+
+
 def test_confident_crops_needs_teachers():
     raw = {**_recipe(kind="confident_crops"), "teachers": []}
     with pytest.raises(ConfigError, match="init.kind confident_crops need trained teachers"):
