@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="top-1/top-5 of a run directory or model checkpoint on a dataset")
     e.add_argument("target", help="run directory (uses its student.safetensors) or a .safetensors checkpoint")
-    e.add_argument("--data", required=True, help="'digits', a .npz file, or an ImageFolder root")
+    e.add_argument("--data", required=True, help="'digits', a .npz file, an ImageFolder root, or WebDataset "
+                                                 "shards: a `distill data pack` folder or DIR/val-{000000..000009}.tar")
     e.add_argument("--split", default="test", choices=["train", "test"])
     e.add_argument("--device", default="auto")
     e.add_argument("--workers", type=int, default=0, help="DataLoader worker processes decoding images (default 0)")

@@ -22,7 +22,7 @@ from distill.config import DataConfig, RunConfig
 from distill.errors import DataError
 from distill.imagefiles import EvalTransform, ImageFiles, ImageFolderSet, resolve_eval
 from distill.registry import Registry
-from distill.webdataset_source import load_webdataset_sets
+from distill.webdataset_source import MANIFEST, load_webdataset_sets, read_manifest
 
 # name → loader(cfg, eval transform, splits) → one dataset per split ("train", "test")
 DATA_SOURCES: Registry[Callable[[DataConfig, EvalTransform | None, tuple[str, ...]], list]] = Registry("data source")
@@ -155,12 +155,23 @@ def load_imagefolder_sets(root: Path, image_size: int, channels: int, on_bad_ima
 
 
 def data_config_for(spec: str, image_size: int, channels: int) -> DataConfig:
-    """'digits' | a .npz file | an ImageFolder root → a data config at the model's input size."""
+    """'digits' | a .npz file | an ImageFolder root | WebDataset shards (a `distill data pack`
+    folder, or tar files: `DIR/val-{000000..000009}.tar`, `a.tar::b.tar`) → a data config at the
+    model's input size. Shards named directly serve either split; a pack folder's test split is its
+    manifest's val split."""
     if spec == "digits":
         return DataConfig(source="digits", image_size=image_size, channels=channels)
+    if spec.endswith(".tar"):
+        return DataConfig(source="webdataset", urls=spec, val_urls=spec, image_size=image_size, channels=channels)
     path = Path(spec)
     if not path.exists():
         raise DataError(f"--data {spec!r}: not 'digits' and no such file or folder")
+    if (path / MANIFEST).is_file():
+        train = read_manifest(path)["splits"].get("train", {}).get("shards", [])
+        if not train:
+            raise DataError(f"{path / MANIFEST}: no train split; name the shards instead (--data DIR/val-000000.tar)")
+        return DataConfig(source="webdataset", urls="::".join(str(path / r["file"]) for r in train),
+                          image_size=image_size, channels=channels)
     source = "npz" if path.suffix == ".npz" else "imagefolder"
     return DataConfig(source=source, path=path, image_size=image_size, channels=channels)
 

@@ -219,6 +219,25 @@ def test_data_pack_command(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_eval_on_shards_equals_eval_on_the_folder(tmp_path, capsys):
+    """`distill eval --data` takes a pack folder or tar files, and scores the same images, under
+    the same evaluation protocol, as the ImageFolder they were packed from."""
+    from distill.cli import main
+    from distill.models import create_model, save_model
+
+    folder = make_folder(tmp_path / "f", per_class=2, val=3, size=(50, 30))
+    pack_imagefolder(folder, tmp_path / "w", shard_bytes=2500, progress=False)
+    torch.manual_seed(0)
+    save_model(tmp_path / "m.safetensors", create_model("test_resnet", 2, 3, 16, ("a", "b")))
+    val_shards = sorted(p.name for p in (tmp_path / "w").glob("val-*.tar"))
+    assert len(val_shards) >= 2
+    outputs = []
+    for data in (folder, tmp_path / "w", "::".join(str(tmp_path / "w" / n) for n in val_shards)):
+        assert main(["eval", str(tmp_path / "m.safetensors"), "--data", str(data)]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert "images 6" in outputs[0] and outputs[0] == outputs[1] == outputs[2]
+
+
 def test_estimate_of_image_files_times_the_decode_and_matches_generation(tiny_recipe, tmp_path, monkeypatch):
     """Image files: the estimate's sample goes through the generation's own path (decode + cut in
     loader workers), so its bytes per image are the real store's and its time includes decoding."""
