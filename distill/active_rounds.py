@@ -43,6 +43,7 @@ from distill.config import RunConfig, Strict, dump_config
 from distill.data import ImageSet, load_data
 from distill.distributed import check_precision, resolve_device
 from distill.errors import ArtefactError, ConfigError
+from distill.imagefiles import ImageFiles
 from distill.models import save_model
 from distill.report import markdown_table, write_run_report
 from distill.teacher_pool import build_pool, check_checkpoints, fit_pool
@@ -141,6 +142,33 @@ class Members(Dataset):
         return image, (int(target) if i < self.labelled else -1), i
 
 
+class MemberFiles(ImageFiles):
+    """`Members` of an image-file set, as image files: the trainer cuts each round's training views
+    from the whole decoded photo (`TrainViews`), as for any image-file run, not from the centre
+    square that `base[i]` (the evaluation view) is. Item i is `members[i % len(members)]`, its
+    target −1 past the first `labelled`; views carry i (the labeler takes it mod len(members))."""
+
+    def __init__(self, base: ImageFiles, members: torch.Tensor, labelled: int, min_len: int = 0):
+        super().__init__(base.image_size, base.channels, base.eval_transform, base.on_bad_image)
+        self.base, self.class_names = base, base.class_names
+        self.order = members.long().repeat(max(1, math.ceil(min_len / max(len(members), 1))))
+        position = torch.arange(len(self.order)) % max(len(members), 1)
+        self.targets = torch.where(position < labelled, base.targets[self.order], -1)
+
+    def read(self, i: int) -> tuple[bytes, bool]:
+        return self.base.read(int(self.order[i]))
+
+    def name(self, i: int) -> str:
+        return self.base.name(int(self.order[i]))
+
+
+def round_set(base: Dataset, members: torch.Tensor, labelled: int, min_len: int) -> Dataset:
+    """A round's training set: image files stay image files (views cut from the photo)."""
+    if isinstance(base, ImageFiles):
+        return MemberFiles(base, members, labelled, min_len)
+    return Members(base, members, labelled, min_len)
+
+
 def gather(dataset: Dataset, index: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The images at dataset indices `index` as float `[N, C, H, W]` in [0, 1] on `device`."""
     if len(index) == 0:
@@ -162,17 +190,18 @@ def student_probs(model: torch.nn.Module, dataset: Dataset, index: torch.Tensor,
 
 
 class ActiveLabeler:
-    """A round's batch labeler: fresh crops; one-hot labels for labelled rows, the cached teacher
-    label of the whole image for queried rows. Never queries: the round paid before training."""
+    """A round's batch labeler: fresh crops (image files: the loader has cut them from the photo,
+    `crops` None); one-hot labels for labelled rows, the cached teacher label of the whole image for
+    queried rows. Never queries: the round paid before training."""
 
-    def __init__(self, crops: RandomCrops, source: ActiveQuerySource, members: torch.Tensor, labelled: int,
+    def __init__(self, crops: RandomCrops | None, source: ActiveQuerySource, members: torch.Tensor, labelled: int,
                  cost: QueryCost):
         self.crops, self.source, self.members, self.labelled = crops, source, members, labelled
         self.cost = cost  # what was spent up to this round (the trainer logs it per epoch)
 
     def __call__(self, images, targets, index, epoch, generator) -> Batch:
-        views = self.crops(images, generator)
-        index = index.cpu()
+        views = images if self.crops is None else self.crops(images, generator)
+        index = index.cpu() % len(self.members)
         is_labelled = index < self.labelled
         probs, known = self.source.lookup(self.members[index])
         if not bool((known | is_labelled).all()):
@@ -312,10 +341,11 @@ def train_round(job: ActiveJob, step: DistillStep, r: int, members: torch.Tensor
     """An ordinary Trainer run on L ∪ (queried so far) in `rounds/round<r>/`; its epoch records."""
     cfg, aug = job.cfg, job.cfg.data.augment
     spent = QueryCost(dict(job.source.cost.queries), dict(job.source.cost.seconds))
-    labeler = ActiveLabeler(RandomCrops(aug.scale, aug.ratio, aug.flip), job.source, members, len(job.labelled), spent)
+    train_set = round_set(job.train, members, len(job.labelled), job.opts.round_images)
+    crops = None if isinstance(train_set, ImageFiles) else RandomCrops(aug.scale, aug.ratio, aug.flip)
+    labeler = ActiveLabeler(crops, job.source, members, len(job.labelled), spent)
     trainer = Trainer(cfg.model_copy(update={"name": f"{cfg.name}.round{r}"}), step,
-                      create_backend(cfg, step, job.device),
-                      Members(job.train, members, len(job.labelled), job.opts.round_images), job.test, labeler,
+                      create_backend(cfg, step, job.device), train_set, job.test, labeler,
                       cfg.run_dir / "rounds" / f"round{r}")
     return trainer.fit()
 

@@ -238,6 +238,37 @@ def test_eval_on_shards_equals_eval_on_the_folder(tmp_path, capsys):
     assert "images 6" in outputs[0] and outputs[0] == outputs[1] == outputs[2]
 
 
+def test_active_rounds_on_image_files_train_on_crops_of_the_whole_photo(tiny_recipe, tmp_path, monkeypatch):
+    """labels.active on an image folder: each round's views are cut from the decoded photo (the red
+    corner of a 48×12 photo shows up), not from the centre square its evaluation view is."""
+    import distill.active_rounds as ar
+
+    seen = []
+    original = ar.ActiveLabeler.__call__
+
+    def spy(self, images, targets, index, epoch, generator):
+        batch = original(self, images, targets, index, epoch, generator)
+        seen.append((images.clone(), batch.soft.probs.clone(), targets.clone()))
+        return batch
+
+    monkeypatch.setattr(ar.ActiveLabeler, "__call__", spy)
+    folder = make_folder(tmp_path / "f", per_class=10, size=(48, 12))
+    raw = tiny_recipe("act_files", data={"source": "imagefolder", "path": str(folder), "image_size": 8, "train_limit": None,
+                                         "augment": {"scale": [0.05, 0.3]}},
+                      student={"model": "test_resnet"}, trainer={"epochs": 2, "batch_size": 8},
+                      pool={"teachers": [{"model": "test_resnet", "name": "a"}]},
+                      labels={"active": {"budget": 0.5, "rounds": 1, "strategy": "margin", "labelled": 4}})
+    res = train(parse_config(raw))
+    assert res.final["active"]["spent_queries"] == 8  # half of the 16 pool images, one teacher
+    red = lambda v: ((v[:, 0].float() > 0.7) & (v[:, 1].float() < 0.35)).flatten(1).any(1)  # noqa: E731
+    views = torch.cat([v for v, _, _ in seen])
+    assert views.shape[1:] == (3, 8, 8) and red(views).any()
+    for _, probs, targets in seen:  # labelled rows one-hot, queried rows the teacher's (soft) label
+        labelled = targets >= 0
+        assert torch.equal(probs[labelled].argmax(1), targets[labelled]) and torch.all(probs[labelled].max(1).values == 1)
+        assert torch.allclose(probs.sum(1), torch.ones(len(probs)))
+
+
 def test_estimate_of_image_files_times_the_decode_and_matches_generation(tiny_recipe, tmp_path, monkeypatch):
     """Image files: the estimate's sample goes through the generation's own path (decode + cut in
     loader workers), so its bytes per image are the real store's and its time includes decoding."""
