@@ -87,7 +87,8 @@ def arms(art, cfg, teachers, out: Path, dev, which: list[str]):
     rc, protocol = cfg.labels.relabel, cfg.eval
     for name in which:
         if name == "hard":
-            yield name, hard_labeler(protocol, art.images), 8 * len(art.images)
+            norm = tuple(torch.tensor(art.manifest["normalisation"][k]) for k in ("mean", "std"))  # as eval-synth
+            yield name, hard_labeler(protocol, art.images, norm), 8 * len(art.images)
         elif name == "stored soft":
             root = out / "stores" / art.root.name
             relabel_store(root, art.images, teachers, rc, cfg.seed, cfg.hash(), dev, progress=False)
