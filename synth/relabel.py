@@ -25,7 +25,8 @@ from distill.errors import ArtefactError, ConfigError
 from synth.config import RelabelConfig
 from teachers.labeling import LabelContext, Labeling, register_labeler
 from teachers.pool import EnsemblePool
-from teachers.store import DECODE_MODES, LabelStore, RowBatched, StoreSpec, generate_store
+from teachers.store import DECODE_MODES, RowBatched, StoreSpec, generate_store
+from teachers.store_replay import LabelStore
 from teachers.store_labels import CyclicStoredLabeler
 
 

@@ -20,7 +20,8 @@ from distill.config import RunConfig, Strict
 from distill.errors import ArtefactError, ConfigError
 from distill.imagefiles import ImageFiles
 from teachers.labeling import LabelContext, Labeling, register_labeler
-from teachers.store import DECODE_MODES, LabelStore, StoredLabeler
+from teachers.store import DECODE_MODES
+from teachers.store_replay import LabelStore, StoredLabeler
 
 
 class CalibrationConfig(Strict):

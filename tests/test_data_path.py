@@ -18,7 +18,8 @@ from distill.recipe import parse_config
 from distill.runner import train
 from distill.webdataset_source import ShardStream, WebDatasetSet, shard_split
 from teachers.source import QueryCost, SoftLabels
-from teachers.store import LabelStore, StoredLabeler, StoreSpec, generate_store
+from teachers.store import StoreSpec, generate_store
+from teachers.store_replay import LabelStore, StoredLabeler
 
 RED = (255, 0, 0)
 

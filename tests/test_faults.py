@@ -28,7 +28,7 @@ from distill.artefacts import load_state, load_tensors
 from distill.cli import main as cli_main
 from distill.models import create_model, save_model
 from synth.artefact import read_artefact
-from teachers.store import LabelStore
+from teachers.store_replay import LabelStore
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS = tuple(str(i) for i in range(10))

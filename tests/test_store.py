@@ -18,7 +18,8 @@ from distill.recipe import parse_config
 from teachers.calibrate import RegionCalibrator, softened_hard_label
 from teachers.regions import compress_topk, decompress
 from teachers.source import QueryCost, SoftLabels
-from teachers.store import LabelStore, StoredLabeler, StoreSpec, StoreWriter, generate_store, splice_partners
+from teachers.store import StoreSpec, StoreWriter, generate_store, splice_partners
+from teachers.store_replay import LabelStore, StoredLabeler
 
 C, S = 6, 16
 
@@ -357,7 +358,7 @@ def test_cli_labels_then_train_builds_no_teacher(tiny_recipe, tmp_path, monkeypa
     # a store of E label epochs serves more student epochs: epoch e replays label epoch e mod E, exactly
     longer = runner.train(parse_config({**raw, "name": "ferkd3", "trainer": {**raw["trainer"], "epochs": 3}}))
     assert len(longer.history) == 3 and "replays label epoch e mod 1" in (longer.run_dir / "report.md").read_text()
-    from teachers.store import LabelStore
+    from teachers.store_replay import LabelStore
     from teachers.store_labels import CyclicStoredLabeler
 
     cyclic = CyclicStoredLabeler(LabelStore(tmp_path / "store"), 2)

@@ -285,7 +285,7 @@ def test_eval_synth_trains_bn_matching_relabel_students_by_kl_at_t3(recipe, bn_t
 
     from distill.models import load_model
     from synth import eval_synth as es
-    from teachers.store import LabelStore
+    from teachers.store_replay import LabelStore
 
     cfg = recipe("bn_kl", ipc=1, method="bn_matching", options={"jitter": 1, "jitter_flip": False},
                  teachers=[{"model": "test_resnet", "checkpoint": str(bn_teacher)}],
