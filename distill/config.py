@@ -80,7 +80,10 @@ class LoaderConfig(Strict):
     pin_memory: bool | Literal["auto"] = "auto"  # auto: on when training on a GPU
     persistent_workers: bool = True  # with trainer.num_workers > 0: keep the workers between epochs
     prefetch_factor: int = Field(2, ge=1)  # batches each worker loads ahead (num_workers > 0)
-    channels_last: bool = False  # student and its input batches in channels_last memory format (GPU)
+    # the student's weights and input batches in channels_last memory format; under DeepSpeed the
+    # batches only (DeepSpeed keeps weights in flat contiguous buffers; a convolution given a
+    # channels_last batch still runs, and hands on, channels_last). docs/performance.md
+    channels_last: bool = False
 
 
 DATA_SOURCES = ("digits", "npz", "imagefolder", "webdataset")  # distill.data.DATA_SOURCES registers each
@@ -472,11 +475,6 @@ class RunConfig(Strict):
         t = self.trainer
         if t.backend != "deepspeed":
             return self
-        if self.data.loader.channels_last:
-            raise ValueError("data.loader.channels_last: true does not work under trainer.backend: deepspeed, which "
-                             "keeps the weights in flat contiguous buffers (its start-up broadcast fails on "
-                             "channels_last strides, and ZeRO re-points every weight into a flat buffer); set "
-                             "data.loader.channels_last: false, or train with trainer.backend: plain")
         try:
             check_deepspeed_config(t.deepspeed or {}, batch_size=t.batch_size, grad_accum=t.grad_accum,
                                    precision=self.precision, optimizer=self.optim.name)

@@ -35,8 +35,10 @@ def create_student(cfg: RunConfig, data: ImageSet) -> ImageClassifier:
     torch.manual_seed(cfg.seed)
     model = create_model(s.model, data.num_classes, data.channels, s.input_size or cfg.data.image_size,
                          data.class_names, s.mean, s.std, s.drop_rate, s.checkpoint, s.pretrained)
-    if cfg.data.loader.channels_last:
-        model.to(memory_format=torch.channels_last)  # before the optimiser and any engine see its weights
+    if cfg.data.loader.channels_last and cfg.trainer.backend == "plain":  # before the optimiser sees its weights
+        # (DeepSpeed's broadcast views each weight as bytes, which fails on channels_last strides; its
+        # weights stay contiguous and only the batches go channels_last)
+        model.to(memory_format=torch.channels_last)
     if cfg.trainer.compile:
         model.compile()  # in place: checkpoints keep the model's own keys
     return model

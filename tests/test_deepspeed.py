@@ -156,6 +156,14 @@ def ds_runs(ds_env, recipe_file):
 # ---------------------------------------------------------------- equivalence
 
 
+def test_channels_last_batches_under_zero2_train_as_without(ds_env, ds_runs, recipe_file):
+    """data.loader.channels_last under DeepSpeed (weights contiguous, batches channels_last): it
+    starts (DeepSpeed's broadcast refused channels_last weights) and trains as the run without."""
+    _run(ds_env, "launch", "--nproc", "2", str(recipe_file), "name=zero2_channels_last", "trainer.backend=deepspeed",
+         "trainer.deepspeed=configs/deepspeed/zero2.json", "data.loader.channels_last=true")
+    _assert_same_training(recipe_file.parent / "runs" / "zero2_channels_last", ds_runs(2), 1e-4, 1e-4)
+
+
 @pytest.mark.parametrize("stage,grad_accum,launcher", [(0, 1, "torchrun"), (1, 2, "deepspeed"), (2, 1, "torchrun")])
 def test_two_ranks_match_one_process(stage, grad_accum, launcher, ds_runs, plain_ref):
     """2 ranks × 16 (or × 2 micro-steps of 8) = 1 process × 32, same recipe, plain backend."""

@@ -105,3 +105,21 @@ def test_compiled_student_gives_the_same_loss_and_gradients(tiny_recipe):
     assert terms[1] == pytest.approx(terms[0], rel=1e-4, abs=1e-5)
     assert torch.allclose(grads[1], grads[0], rtol=1e-3, atol=1e-5)
     assert set(steps[1].student.state_dict()) == set(steps[0].student.state_dict())
+
+
+def test_channels_last_puts_weights_in_channels_last_on_the_plain_backend_only(tiny_recipe):
+    """data.loader.channels_last: the plain backend's student weights go channels_last; under
+    DeepSpeed they stay contiguous (its start-up broadcast views each weight as bytes, which fails
+    on channels_last strides) and only the batches are converted."""
+    from distill.data import load_data
+    from students.build import create_student
+
+    def conv_weights(**trainer):
+        cfg = parse_config(tiny_recipe(student={"model": "test_resnet"}, data={"loader": {"channels_last": True}},
+                                       trainer=trainer))
+        model = create_student(cfg, load_data(cfg.data)[0])
+        return [p for p in model.parameters() if p.dim() == 4]
+
+    plain, ds = conv_weights(), conv_weights(backend="deepspeed")
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in plain)
+    assert any(not p.is_contiguous() for p in plain) and all(p.is_contiguous() for p in ds)
