@@ -36,6 +36,8 @@ that would run past --budget-seconds is stopped or skipped, so the whole check i
                   trainer evaluates: forward in the run precision, eval batch 256)
   plain_hard_cl   reference: the plain hard step with the student in channels_last
   hard_cl         the engine's hard step with `data.loader.channels_last: true` (student and batch)
+  deepspeed_cl    the deepspeed row with `data.loader.channels_last: true`: under DeepSpeed the batch only
+                  (its weights stay contiguous), against the plain loop with a channels_last student
 Columns: images/s (images the student trains on per second), ms/step, "vs plain" = engine ms/step ÷
 plain-loop ms/step of the matching plain row (1.00: no overhead; the engine's includes what the notes
 list), notes. Timing: warm-up steps excluded, `torch.cuda.synchronize` around every timed window,
@@ -93,10 +95,11 @@ TABLE = [
     ("eval", "eval (students.accuracy.evaluate)", None),
     ("plain_hard_cl", "reference: plain-loop hard step, student channels_last", "plain_hard"),
     ("hard_cl", "hard-label step, data.loader.channels_last (student + batch)", "plain_hard_cl"),
+    ("deepspeed_cl", "DeepSpeed ZeRO-2 bf16 hard step, data.loader.channels_last (batch only)", "plain_hard_cl"),
 ]
 # the order they run in: compile last (slowest to start, the first to go when the budget runs out)
 RUN_ORDER = ["hard", "plain_hard", "kd_fp32", "kd_bf16", "plain_kd", "store", "deepspeed", "eval", "plain_hard_cl",
-             "hard_cl", "kd_compile"]
+             "hard_cl", "deepspeed_cl", "kd_compile"]
 
 
 class BudgetExceeded(Exception):
@@ -430,9 +433,17 @@ def row_plain_hard_cl(ctx: Ctx, row: Row) -> None:
 
 
 def row_deepspeed(ctx: Ctx, row: Row) -> None:
+    _deepspeed(ctx, row, channels_last=False)
+
+
+def row_deepspeed_cl(ctx: Ctx, row: Row) -> None:
+    _deepspeed(ctx, row, channels_last=True)
+
+
+def _deepspeed(ctx: Ctx, row: Row, channels_last: bool) -> None:
     if ctx.device.type == "cuda" and os.environ.get("DS_ACCELERATOR", "cuda") == "cpu":
         raise RuntimeError("DS_ACCELERATOR=cpu in the environment on a GPU run; unset it (gpu_check.sh does)")
-    cfg = recipe(ctx, precision="bf16",
+    cfg = recipe(ctx, precision="bf16", data={"loader": {"channels_last": channels_last}},
                  trainer={"backend": "deepspeed", "deepspeed": str(ROOT / "configs" / "deepspeed" / "zero2.json")})
     t0 = time.perf_counter()
     step, backend = student_backend(ctx, cfg)
@@ -474,7 +485,7 @@ def row_eval(ctx: Ctx, row: Row) -> None:
 ROWS: dict[str, Callable[[Ctx, Row], None]] = {
     "hard": row_hard, "kd_fp32": row_kd_fp32, "kd_bf16": row_kd_bf16, "kd_compile": row_kd_compile,
     "store": row_store, "plain_hard": row_plain_hard, "plain_kd": row_plain_kd, "deepspeed": row_deepspeed,
-    "eval": row_eval, "plain_hard_cl": row_plain_hard_cl, "hard_cl": row_hard_cl,
+    "eval": row_eval, "plain_hard_cl": row_plain_hard_cl, "hard_cl": row_hard_cl, "deepspeed_cl": row_deepspeed_cl,
 }
 
 

@@ -4,9 +4,9 @@ The recipe's label source (its pool, calibration, top-k) labels one shard's wort
 (`--estimate-images`, default 64) the way generation will — in-memory images cropped on the device,
 image files decoded and cut by the recipe's `trainer.num_workers` loader workers, so decoding is in
 the wall time — a first pass warms up, the median of three timed passes counts — and the numbers
-scale linearly to the whole store: crops =
-images × label epochs × crops per image; teacher-seconds and wall time per crop on this machine
-(wall time split over `--world` processes); bytes as the shard the sample makes, serialised.
+scale linearly to the whole store: crops = images × label epochs × crops per image; teacher-seconds
+and wall time per crop on this machine (wall time split over `--world` processes); bytes as the
+shard the sample makes, serialised.
 """
 from __future__ import annotations
 

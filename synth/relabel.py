@@ -26,8 +26,8 @@ from synth.config import RelabelConfig
 from teachers.labeling import LabelContext, Labeling, register_labeler
 from teachers.pool import EnsemblePool
 from teachers.store import DECODE_MODES, RowBatched, StoreSpec, generate_store
-from teachers.store_replay import LabelStore
 from teachers.store_labels import CyclicStoredLabeler
+from teachers.store_replay import LabelStore
 
 
 def resolve_topk(rc: RelabelConfig, num_classes: int) -> int:
