@@ -12,6 +12,7 @@ that every row runs (tiny timm models, 32 px, a minute or so on two cores).
   typing-inspection), the deepspeed row deepspeed and hjson, beside torch, timm, safetensors, PyYAML.
   options: --batch N  --size PX  --classes K  --precision fp32|bf16  --budget-seconds S (default 280; --tiny 100)
            --out PATH (default runs/gpu_check/results.json)  --rows KEY,KEY  --warmup N --windows N --steps N
+           --profile KEY,KEY (torch.profiler tables of those rows beside --out: where the engine's time goes)
 
 Rows (each guarded: a row that fails prints its error in the notes column and the check goes on; a row
 that would run past --budget-seconds is stopped or skipped, so the whole check is bounded):
@@ -175,6 +176,28 @@ def measure(ctx: Ctx, step: Callable[[int], None], images_per_step: int, row: Ro
     row.ms_per_step, row.images_per_s, row.windows = med * 1e3, images_per_step / med, len(times)
     if len(times) > 1:
         row.notes.append(f"spread {100 * (max(times) - min(times)) / med:.0f}%")
+    if row.key in a.profile:
+        profile(ctx, step, i, row)
+
+
+def profile(ctx: Ctx, step: Callable[[int], None], i: int, row: Row) -> None:
+    """`--profile ROW`: `steps` more steps under torch.profiler, after the timing (so it costs the
+    timing nothing); the ops with the most self time, device first, go to profile_<row>.txt beside
+    --out, with a Chrome trace (profile_<row>.json) — where a step's time goes beyond the model."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
+    with torch_profile(activities=acts) as prof:
+        for k in range(ctx.args.steps):
+            step(i + k)
+        ctx.sync()
+    key = "self_cuda_time_total" if ctx.device.type == "cuda" else "self_cpu_time_total"
+    out = ctx.args.out.parent / f"profile_{row.key}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"{row.label}: {ctx.args.steps} steps\n" + prof.key_averages().table(sort_by=key, row_limit=25) + "\n")
+    prof.export_chrome_trace(str(out.with_suffix(".json")))
+    row.notes.append(f"profile: {out.name}")
 
 
 # ---------------------------------------------------------------- the engine's pieces
@@ -604,6 +627,8 @@ def main() -> int:
     p.add_argument("--precision", choices=("fp32", "bf16"), help="the student's (default bf16 where supported)")
     p.add_argument("--budget-seconds", type=float, help="bound on the whole check (default 280; --tiny 100)")
     p.add_argument("--rows", help=f"comma-separated subset of: {', '.join(k for k, _, _ in TABLE)}")
+    p.add_argument("--profile", default=[], type=lambda v: [k.strip() for k in v.split(",") if k.strip()],
+                   help="rows to profile after timing them (torch.profiler; tables beside --out), e.g. hard,plain_hard")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "gpu_check" / "results.json")
     a = p.parse_args()
     started = time.monotonic()
