@@ -157,8 +157,9 @@ def ds_runs(ds_env, recipe_file):
 
 
 def test_channels_last_batches_under_zero2_train_as_without(ds_env, ds_runs, recipe_file):
-    """data.loader.channels_last under DeepSpeed (weights contiguous, batches channels_last): it
-    starts (DeepSpeed's broadcast refused channels_last weights) and trains as the run without."""
+    """data.loader.channels_last under DeepSpeed: the weights stay contiguous (DeepSpeed's start-up
+    broadcast fails on channels_last weights), the batches go channels_last, and the run starts and
+    trains as the run without the flag."""
     _run(ds_env, "launch", "--nproc", "2", str(recipe_file), "name=zero2_channels_last", "trainer.backend=deepspeed",
          "trainer.deepspeed=configs/deepspeed/zero2.json", "data.loader.channels_last=true")
     _assert_same_training(recipe_file.parent / "runs" / "zero2_channels_last", ds_runs(2), 1e-4, 1e-4)
