@@ -18,7 +18,7 @@ from distill.config import (CropScale, DataConfig, Device, LogConfig, ModelConfi
                             check_kd_temperature, format_validation_error)
 from distill.errors import ConfigError
 from distill.models import is_known_model, suggest_models
-from synth.augment import DSA_OPS, DSA_REVISION
+from synth.augment import DSA_MODES, DSA_OPS, DSA_REVISION, check_dsa
 from synth.projector import ProjectorConfig
 
 
@@ -211,6 +211,9 @@ class EvalConfig(Strict):
     optim: OptimConfig = OptimConfig(name="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="cosine")
     augment: Literal["dsa", "crop", "none"] = "dsa"
     dsa_ops: list[str] = list(DSA_OPS)  # augment dsa: digits drop "flip"
+    # augment dsa: one op per batch (DC/DSA/DM's DiffAugment), or FYI's flip first, then one other
+    # op: FYI's evaluate_synset trains with the DiffAugment it synthesises with (docs/synth.md)
+    dsa_mode: Literal[DSA_MODES] = "single"
     crop_scale: tuple[float, float] = (0.5, 1.0)  # augment crop: RandomResizedCrop area range (ImageNet: 0.08-1)
     crop_flip: bool = False
     random_subset: bool = True
@@ -229,13 +232,10 @@ class EvalConfig(Strict):
                 raise ValueError(f"unknown model {name!r}; allowed: any timm model name or {suggest_models(name)}")
         return v
 
-    @field_validator("dsa_ops")
-    @classmethod
-    def _ops(cls, v: list[str]) -> list[str]:
-        bad = [op for op in v if op not in DSA_OPS]
-        if bad or not v:
-            raise ValueError(f"dsa_ops must be a non-empty subset of {list(DSA_OPS)}, got {v}")
-        return v
+    @model_validator(mode="after")
+    def _dsa(self) -> "EvalConfig":
+        check_dsa(self.dsa_ops, self.dsa_mode)
+        return self
 
 
 class SynthConfig(Strict):

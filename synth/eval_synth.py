@@ -61,7 +61,7 @@ def protocol_views(protocol: EvalConfig, norm: tuple[torch.Tensor, torch.Tensor]
     """Hard-label views: DSA per image (the DSA/DM evaluation, in the space normalised by `norm`,
     the real data's per-channel mean and std), the spine's random crops, or none."""
     if protocol.augment == "dsa":
-        return DSA(mean=norm[0], std=norm[1], ops=protocol.dsa_ops)
+        return DSA(mean=norm[0], std=norm[1], ops=protocol.dsa_ops, mode=protocol.dsa_mode)
     if protocol.augment == "crop":
         return RandomCrops(protocol.crop_scale, (3 / 4, 4 / 3), protocol.crop_flip)
     return lambda images, generator: images
@@ -227,6 +227,8 @@ def _protocol_hash(protocol: EvalConfig, *parts: Any) -> str:
         d.pop(k)
     if protocol.augment == "dsa":  # runs trained with an older DSA answer another protocol
         d["dsa_revision"] = DSA_REVISION
+    if d["dsa_mode"] == "single":  # the draw every run had before the key existed: their hashes hold
+        d.pop("dsa_mode")
     return hashlib.sha256(json.dumps([d, *map(str, parts)], sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -171,6 +171,23 @@ def test_dsa_mode_reachable_from_options():
         GMOptions.model_validate({"dsa_mode": "flip_then_one", "dsa_ops": ["color", "crop"]})
 
 
+def test_eval_students_can_train_with_fyis_dsa_draw():
+    """FYI's evaluate_synset trains with the DiffAugment it synthesises with (flip, then one op):
+    `eval.dsa_mode` reaches the students' DSA, is checked like the methods' option, and changes the
+    eval runs' cache key only when it is not the default."""
+    from synth.config import EvalConfig
+    from synth.eval_synth import _protocol_hash, protocol_views
+
+    norm = (torch.tensor([0.5]), torch.tensor([0.25]))
+    assert protocol_views(EvalConfig(dsa_mode="flip_then_one"), norm).mode == "flip_then_one"
+    assert protocol_views(EvalConfig(), norm).mode == "single"
+    with pytest.raises(ValueError, match="flip_then_one needs 'flip'"):
+        EvalConfig(dsa_mode="flip_then_one", dsa_ops=["color", "crop"])
+    base = _protocol_hash(EvalConfig(), "convnet3")
+    assert _protocol_hash(EvalConfig(dsa_mode="flip_then_one"), "convnet3") != base
+    assert base == "0af1b2179281"  # the default protocol's key from before `dsa_mode` existed: cached runs hold
+
+
 # --- BN matching (SRe2L) ---------------------------------------------------------------------
 
 
