@@ -54,7 +54,7 @@ from teachers.labeling import PoolLabels, labeling_for, register_labeler
 from teachers.pool import EnsemblePool, target_subset
 from teachers.query_budget import ActiveQuerySource
 from teachers.selection import STRATEGIES, RobustActiveDistillation, SelectionStrategy, create_strategy
-from teachers.source import Batch, QueryCost, SoftLabels
+from teachers.source import Batch, QueryCost, SoftLabels, Views, as_loaded
 
 _SELECT_STREAM = 700_000  # selection generators use seed_for(seed, this + round): apart from epoch seeds
 
@@ -190,17 +190,17 @@ def student_probs(model: torch.nn.Module, dataset: Dataset, index: torch.Tensor,
 
 
 class ActiveLabeler:
-    """A round's batch labeler: fresh crops (image files: the loader has cut them from the photo,
-    `crops` None); one-hot labels for labelled rows, the cached teacher label of the whole image for
+    """A round's batch labeler: fresh views (`views`: random crops; image files arrive cut from the
+    photo); one-hot labels for labelled rows, the cached teacher label of the whole image for
     queried rows. Never queries: the round paid before training."""
 
-    def __init__(self, crops: RandomCrops | None, source: ActiveQuerySource, members: torch.Tensor, labelled: int,
+    def __init__(self, views: Views, source: ActiveQuerySource, members: torch.Tensor, labelled: int,
                  cost: QueryCost):
-        self.crops, self.source, self.members, self.labelled = crops, source, members, labelled
+        self.views, self.source, self.members, self.labelled = views, source, members, labelled
         self.cost = cost  # what was spent up to this round (the trainer logs it per epoch)
 
     def __call__(self, images, targets, index, epoch, generator) -> Batch:
-        views = images if self.crops is None else self.crops(images, generator)
+        views = self.views(images, generator)
         index = index.cpu() % len(self.members)
         is_labelled = index < self.labelled
         probs, known = self.source.lookup(self.members[index])
@@ -342,8 +342,8 @@ def train_round(job: ActiveJob, step: DistillStep, r: int, members: torch.Tensor
     cfg, aug = job.cfg, job.cfg.data.augment
     spent = QueryCost(dict(job.source.cost.queries), dict(job.source.cost.seconds))
     train_set = round_set(job.train, members, len(job.labelled), job.opts.round_images)
-    crops = None if isinstance(train_set, ImageFiles) else RandomCrops(aug.scale, aug.ratio, aug.flip)
-    labeler = ActiveLabeler(crops, job.source, members, len(job.labelled), spent)
+    views = as_loaded if isinstance(train_set, ImageFiles) else RandomCrops(aug.scale, aug.ratio, aug.flip)
+    labeler = ActiveLabeler(views, job.source, members, len(job.labelled), spent)
     trainer = Trainer(cfg.model_copy(update={"name": f"{cfg.name}.round{r}"}), step,
                       create_backend(cfg, step, job.device), train_set, job.test, labeler,
                       cfg.run_dir / "rounds" / f"round{r}")

@@ -27,7 +27,7 @@ from distill.teacher_pool import build_pool, check_checkpoints
 from students.build import RunResult, create_backend, create_step
 from students.trainer import Trainer
 from teachers.labeling import LabelContext, labeling_for
-from teachers.source import Views
+from teachers.source import Views, as_loaded
 
 
 def training_views(cfg: RunConfig, backend, train_set=None) -> Views:
@@ -35,7 +35,7 @@ def training_views(cfg: RunConfig, backend, train_set=None) -> Views:
     batch's crops cut for this rank's images (distill.distributed). Image files arrive already cut
     (in the loader's workers, from the whole photo: distill.imagefiles), so their views are as loaded."""
     if isinstance(train_set, ImageFiles):
-        return lambda images, generator: images
+        return as_loaded
     aug = cfg.data.augment
     crops = RandomCrops(aug.scale, aug.ratio, aug.flip)
     if backend.world_size * backend.grad_accum > 1:

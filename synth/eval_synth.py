@@ -53,7 +53,7 @@ from synth.init import class_indices, gather, keyed_generator
 from synth.methods import data_stats
 from synth.relabel import relabel_store, store_labeler, student_loss
 from teachers.labeling import LabelContext, create_labeling
-from teachers.source import BatchLabeler, Views
+from teachers.source import BatchLabeler, Views, as_loaded
 from teachers.teacher import Teacher, create_teacher
 
 
@@ -64,7 +64,7 @@ def protocol_views(protocol: EvalConfig, norm: tuple[torch.Tensor, torch.Tensor]
         return DSA(mean=norm[0], std=norm[1], ops=protocol.dsa_ops, mode=protocol.dsa_mode)
     if protocol.augment == "crop":
         return RandomCrops(protocol.crop_scale, (3 / 4, 4 / 3), protocol.crop_flip)
-    return lambda images, generator: images
+    return as_loaded
 
 
 def hard_labeler(protocol: EvalConfig, data: ImageSet,

@@ -25,6 +25,7 @@ from distill.errors import ArtefactError, ConfigError
 from synth.config import RelabelConfig
 from teachers.labeling import LabelContext, Labeling, register_labeler
 from teachers.pool import EnsemblePool
+from teachers.source import as_loaded
 from teachers.store import DECODE_MODES, RowBatched, StoreSpec, generate_store
 from teachers.store_labels import CyclicStoredLabeler
 from teachers.store_replay import LabelStore
@@ -88,5 +89,5 @@ class RelabelLabels(Labeling):
 def store_labeler(root: Path, images: ImageSet, decode: str) -> tuple[CyclicStoredLabeler, int]:
     """(the `relabel` labeler replaying the store at `root` for `images`, the store's bytes)."""
     labeler = RelabelLabels(RelabelOptions(store=root, decode=decode)).build(
-        LabelContext(images, torch.device("cpu"), views=lambda x, g: x))
+        LabelContext(images, torch.device("cpu"), views=as_loaded))  # a store replays its own crops
     return labeler, labeler.store.bytes

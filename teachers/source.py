@@ -80,6 +80,12 @@ class BatchLabeler(Protocol):
 Views = Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # a batch in [0, 1] → its training views
 
 
+def as_loaded(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Views that keep a batch as loaded: image files arrive already cut (distill.imagefiles), or
+    a protocol asks for no augmentation."""
+    return images
+
+
 class OnlineLabeler:
     """Fresh views (`views`: random crops, DSA, ...); soft labels from `source` on exactly those
     views, or none (hard labels)."""
