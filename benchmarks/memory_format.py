@@ -72,7 +72,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     rows = []
     print(f"{'model':22s} {'px':>3s} {'ch':>2s} {'role':5s} " + " ".join(f"{p}/{lay}".rjust(20) for p, lay in SETTINGS)
-          + "   cl/nchw fp32")
+          + "   cl/nchw fp32", flush=True)
     for case in CASES:
         runs = {s: timer(*case, *s) for s in SETTINGS}
         for run in runs.values():
@@ -86,7 +86,7 @@ def main() -> None:
         rows.append({"model": case[0], "image_size": case[1], "channels": case[2], "batch": case[3], "role": case[4],
                      "ms_per_step_median": med, "channels_last_over_nchw_fp32": ratio})
         print(f"{case[0]:22s} {case[1]:3d} {case[2]:2d} {case[4]:5s} " + " ".join(f"{v:20.1f}" for v in med.values())
-              + f"   {ratio:.2f}")
+              + f"   {ratio:.2f}", flush=True)
     out = {"command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '2')} .venv/bin/python benchmarks/memory_format.py "
                       f"--rounds {a.rounds} --steps {a.steps}",
            "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}

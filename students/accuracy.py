@@ -5,6 +5,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from distill.data import collate_skipping
+from students.backends import DTYPES
 
 
 def eval_loader(data: Dataset, batch_size: int = 256, device: str | torch.device = "cpu", num_workers: int = 0,
@@ -23,7 +24,7 @@ def evaluate(model: torch.nn.Module, data: Dataset | DataLoader, batch_size: int
     --amp) and memory format, the scores in fp32."""
     was_training = model.training
     device = torch.device(device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = DTYPES[precision]
     model.eval()
     correct1 = correct5 = n = 0
     loss = 0.0
@@ -35,7 +36,7 @@ def evaluate(model: torch.nn.Module, data: Dataset | DataLoader, batch_size: int
         images, targets = images.to(device).float() / 255, targets.to(device)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             logits = model(images).float()
         loss += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
         top = logits.topk(min(5, logits.shape[1]), 1).indices

@@ -26,12 +26,12 @@ from distill.artefacts import strict_json, write_text
 from distill.config import RunConfig
 from distill.data import ImageSet, collate_skipping
 from distill.distributed import ShardedSampler, micro_batch
-from distill.imagefiles import EpochKeys, ImageFiles, RandomCropPlan, TrainViews, collate_views
-from distill.webdataset_source import ShardStream, WebDatasetSet
 from distill.errors import ConfigError, TrainingError
+from distill.imagefiles import EpochKeys, ImageFiles, RandomCropPlan, TrainViews, collate_views
 from distill.models import save_model
 from distill.progress import Progress, say
 from distill.step_log import StepLog
+from distill.webdataset_source import ShardStream, WebDatasetSet
 from students.accuracy import eval_loader, evaluate
 from students.backends import lr_factor, warmup_factor
 from students.step import DistillStep

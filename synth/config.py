@@ -18,7 +18,7 @@ from distill.config import (CropScale, DataConfig, Device, LogConfig, ModelConfi
                             check_kd_temperature, format_validation_error)
 from distill.errors import ConfigError
 from distill.models import is_known_model, suggest_models
-from synth.augment import DSA_MODES, DSA_OPS, DSA_REVISION, check_dsa
+from synth.augment import DSA_OPS, DSA_REVISION, check_dsa
 from synth.projector import ProjectorConfig
 
 
@@ -213,7 +213,7 @@ class EvalConfig(Strict):
     dsa_ops: list[str] = list(DSA_OPS)  # augment dsa: digits drop "flip"
     # augment dsa: one op per batch (DC/DSA/DM's DiffAugment), or FYI's flip first, then one other
     # op: FYI's evaluate_synset trains with the DiffAugment it synthesises with (docs/synth.md)
-    dsa_mode: Literal[DSA_MODES] = "single"
+    dsa_mode: Literal["single", "flip_then_one"] = "single"
     crop_scale: tuple[float, float] = (0.5, 1.0)  # augment crop: RandomResizedCrop area range (ImageNet: 0.08-1)
     crop_flip: bool = False
     random_subset: bool = True
